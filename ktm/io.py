@@ -52,6 +52,7 @@ def atomic_path(path: str | os.PathLike, checksum: bool = True) -> Iterator[Path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp_path) if checksum else None
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; artefacts are meant to be shared
         os.replace(tmp_path, path)
         if digest is not None:
             write_text(Path(str(path) + SIDECAR), f"{digest}  {path.name}\n", checksum=False)
