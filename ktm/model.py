@@ -1,0 +1,425 @@
+"""KTMModel: a frozen causal LM + LoRA adapters + one merge encoder per K.
+
+How a prompt of n tokens becomes a K-times shorter sequence (`build_batch`):
+
+    [ head: r tokens ][ m blocks of K tokens -> m merged embeddings ][ tail: t tokens ][ target tokens ]
+      r = (n - t) % K  (< K, left unmerged so no block mixes pad and real tokens)
+      t = min(keep_tail, n)  (0 = the paper: everything merged)
+
+Sequences of a batch are then left-padded with zero vectors at the *sequence* level; pad positions are
+masked out of attention and position ids count real positions only, so an example gives the same
+result alone or in any batch. The target (answer) stays in normal tokens; the loss is only on it.
+Generation prefills on the merged prompt once and then decodes with the KV cache.
+
+No Lightning here: serving and notebooks use this module directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ktm.encoder import MergeEncoder
+from ktm.errors import KTMError
+
+log = logging.getLogger("ktm")
+
+FORMAT_VERSION = 1
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the frozen base (peft). r=0 disables LoRA (encoder-only training)."""
+
+    r: int = 4
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class Batch:
+    inputs_embeds: torch.Tensor  # (B, L, d), left-padded with zeros
+    attention_mask: torch.Tensor  # (B, L) 1 = real position
+    position_ids: torch.Tensor  # (B, L) 0.. over real positions
+    targets: torch.Tensor | None  # (B, T) right-aligned target ids, -100 = no target
+    prompt_tokens: torch.Tensor  # (B,) original prompt length in tokens
+    merged_tokens: torch.Tensor  # (B,) prompt length after merging
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise KTMError(f"K must be a whole number >= 1, got {k!r}", "set model.ks to e.g. [1, 2, 4]")
+    return k
+
+
+def block_layout(n: int, k: int, keep_tail: int) -> tuple[int, int, int]:
+    """(head, blocks, tail) for a prompt of n tokens: head + blocks*k + tail == n, head < k."""
+    tail = min(keep_tail, n)
+    body = n - tail
+    return body % k, body // k, tail
+
+
+def merged_length(n: int, k: int, keep_tail: int = 0) -> int:
+    head, blocks, tail = block_layout(n, k, keep_tail)
+    return head + blocks + tail
+
+
+class KTMModel(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        tokenizer,
+        ks: Sequence[int] = (4,),
+        keep_tail: int = 0,
+        lora: LoraSettings | None = LoraSettings(),
+        encoder_multiplier: float | None = None,
+        base_name: str = "",
+        base_fingerprint: str = "",
+        max_prompt_tokens: int | None = None,
+        long_prompt_policy: str = "error",
+    ):
+        super().__init__()
+        ks = sorted({check_k(k) for k in ks})
+        if isinstance(keep_tail, bool) or not isinstance(keep_tail, int) or keep_tail < 0:
+            raise KTMError(f"keep_tail must be a whole number >= 0, got {keep_tail!r}", "set model.keep_tail to 0 (paper) or e.g. 16")
+        if long_prompt_policy not in ("error", "truncate_left"):
+            raise KTMError(f"unknown long_prompt_policy {long_prompt_policy!r}", "use 'error' or 'truncate_left'")
+        self.tokenizer = tokenizer
+        self.ks, self.keep_tail = ks, keep_tail
+        self.base_name, self.base_fingerprint = base_name, base_fingerprint
+        self.lora_settings = lora if lora is not None and lora.r > 0 else None
+        self.encoder_multiplier = encoder_multiplier
+        self.context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
+        self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
+        self.long_prompt_policy = long_prompt_policy
+        self.truncated_prompts = 0  # counted, reported by the trainer: never silent
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.embed = base.get_input_embeddings()  # the base's own frozen table
+        d = self.embed.weight.shape[1]
+        if self.lora_settings is not None:
+            from peft import LoraConfig, get_peft_model
+
+            s = self.lora_settings
+            cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules), bias="none")
+            try:
+                self.lm = get_peft_model(base, cfg)
+            except ValueError as exc:
+                raise KTMError(f"LoRA target modules {list(s.target_modules)} do not fit this base ({str(exc)[:120]})",
+                               "set model.lora.target_modules to layer names of the base model") from None
+        else:
+            self.lm = base
+        param_dtype = torch.float32 if self.embed.weight.dtype == torch.float32 else self.embed.weight.dtype
+        self.encoders = nn.ModuleDict({str(k): MergeEncoder(k, d, encoder_multiplier).to(param_dtype) for k in ks})
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: str = "smollm2-135m", dtype: str = "float32", **kwargs) -> "KTMModel":
+        from ktm.base import base_fingerprint, load_base
+
+        model, tokenizer, resolved = load_base(base, dtype)
+        return cls(model, tokenizer, base_name=base, base_fingerprint=base_fingerprint(resolved), **kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed.weight.shape[1]
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "encoder": [p for p in self.encoders.parameters() if p.requires_grad],
+            "lora": [p for n, p in self.lm.named_parameters() if p.requires_grad and "lora_" in n],
+        }
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def tokenize_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        out = []
+        for i, row in enumerate(ids):
+            if not row:
+                raise KTMError(f"prompt #{i} is empty", "give every example a non-empty prompt")
+            if len(row) > self.max_prompt_tokens:
+                if self.long_prompt_policy == "error":
+                    raise KTMError(
+                        f"prompt #{i} has {len(row)} tokens, more than the limit of {self.max_prompt_tokens}",
+                        "shorten it, or set model.long_prompt_policy=truncate_left (counted in the metrics)",
+                    )
+                row = row[-self.max_prompt_tokens:]
+                self.truncated_prompts += 1
+            out.append(row)
+        return out
+
+    def tokenize_targets(self, targets: Sequence[str], add_eos: bool = True) -> list[list[int]]:
+        ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+        return [row + [self.eos_id] if add_eos else row for row in ids]
+
+    def label_token_ids(self, labels: Sequence[str]) -> list[int]:
+        """First token of each label; classification compares their logits at the answer position."""
+        first = [ids[0] for ids in self.tokenize_targets(labels, add_eos=False)]
+        if len(set(first)) != len(first):
+            raise KTMError(f"labels {list(labels)} start with the same token", "choose label words that differ in their first token")
+        return first
+
+    # -- the merge -------------------------------------------------------------------------------
+    def _encoder(self, k: int) -> MergeEncoder:
+        if str(k) not in self.encoders:
+            raise KTMError(f"this model has no encoder for K={k} (it has K in {self.ks})", f"use one of K={self.ks} or train with K={k}")
+        return self.encoders[str(k)]
+
+    def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None) -> Batch:
+        encoder = self._encoder(k)
+        device = self.embed.weight.device
+        lengths = [len(p) for p in prompt_ids]
+        n_max = max(lengths)
+        padded = torch.full((len(prompt_ids), n_max), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        emb = self.embed(padded.to(device))  # one lookup for the whole batch
+        layouts = [block_layout(n, k, self.keep_tail) for n in lengths]
+        # All blocks of the batch go through the encoder in one call: (sum m_i, K, d) -> (sum m_i, d).
+        bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
+        merged = encoder(torch.cat(bodies)).to(emb.dtype).split([m for _, m, _ in layouts])
+        target_emb = None
+        if target_ids is not None:
+            t_max = max(len(t) for t in target_ids)
+            tpad = torch.full((len(target_ids), t_max), self.pad_id, dtype=torch.long)
+            for i, t in enumerate(target_ids):
+                tpad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+            target_emb = self.embed(tpad.to(device))
+        seqs = []
+        for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts)):
+            parts = [emb[i, :h], merged[i], emb[i, n - t : n]]
+            if target_emb is not None:
+                parts.append(target_emb[i, : len(target_ids[i])])
+            seqs.append(torch.cat(parts))
+        seq_len = max(s.shape[0] for s in seqs)
+        B, d = len(seqs), emb.shape[-1]
+        inputs = emb.new_zeros(B, seq_len, d)
+        mask = torch.zeros(B, seq_len, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            inputs[i, seq_len - s.shape[0] :] = s
+            mask[i, seq_len - s.shape[0] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        targets = None
+        if target_ids is not None:
+            t_max = max(len(t) for t in target_ids)
+            targets = torch.full((B, t_max), -100, dtype=torch.long, device=device)
+            for i, t in enumerate(target_ids):
+                targets[i, t_max - len(t) :] = torch.as_tensor(t, dtype=torch.long, device=device)
+        return Batch(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            targets=targets,
+            prompt_tokens=torch.tensor(lengths),
+            merged_tokens=torch.tensor([h + m + t for h, m, t in layouts]),
+        )
+
+    # -- forward passes --------------------------------------------------------------------------
+    def forward(self, batch: Batch, logits_to_keep: int = 0, **kwargs):
+        return self.lm(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def target_nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example summed NLL and token count on target tokens, plus the answer-position logits.
+
+        Only the last T+1 positions go through the LM head (logits_to_keep): the prompt never needs
+        vocabulary logits, which saves most of the head's compute and memory on long prompts.
+        """
+        assert batch.targets is not None
+        T = batch.targets.shape[1]
+        logits = self.forward(batch, logits_to_keep=T + 1, use_cache=False).logits
+        pred = logits[:, :-1].float()
+        nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), batch.targets.reshape(-1), ignore_index=-100, reduction="none")
+        nll = nll.view(batch.targets.shape)
+        counts = (batch.targets != -100).sum(-1)
+        first = (batch.targets != -100).float().argmax(-1)  # first target position = the answer position
+        answer_logits = pred[torch.arange(pred.shape[0]), first]
+        return nll.sum(-1), counts, answer_logits
+
+    @torch.no_grad()
+    def classify(self, prompts: Sequence[str], labels: Sequence[str], k: int) -> torch.Tensor:
+        """Index of the most likely label per prompt (one prefill, only the last position's logits)."""
+        label_ids = self.label_token_ids(labels)
+        batch = self.build_batch(self.tokenize_prompts(prompts), k)
+        logits = self.forward(batch, logits_to_keep=1, use_cache=False).logits[:, -1]
+        return logits[:, label_ids].argmax(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        k: int | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        ids = self.generate_ids(self.tokenize_prompts(prompts), k, max_new_tokens, temperature, top_p, seed)
+        return [self.tokenizer.decode([t for t in row if t != self.eos_id], skip_special_tokens=True) for row in ids]
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids, k=None, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None) -> list[list[int]]:
+        """Prefill once on the merged prompt, then decode token by token reusing the KV cache."""
+        k = self.ks[-1] if k is None else check_k(k)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        batch = self.build_batch(prompt_ids, k)
+        out = self.forward(batch, logits_to_keep=1, use_cache=True)
+        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            nxt = _pick(out.logits[:, -1], temperature, top_p, gen)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            tokens.append(nxt)
+            done |= nxt == self.eos_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                          past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompt_ids]
+        result = []
+        for row in rows:  # cut each row after its first EOS
+            result.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return result
+
+    @torch.no_grad()
+    def merge(self, prompts: Sequence[str], k: int | None = None) -> dict:
+        """Merged prompt embeddings for a serving engine that takes prompt embeddings (e.g. vLLM with
+        `enable_prompt_embeds`): one (L_i, d) tensor per prompt (no padding), plus the LoRA adapter the
+        engine must load with them."""
+        k = self.ks[-1] if k is None else check_k(k)
+        batch = self.build_batch(self.tokenize_prompts(prompts), k)
+        embeds = [batch.inputs_embeds[i, batch.attention_mask[i].bool()].cpu() for i in range(len(prompts))]
+        return {"k": k, "prompt_embeds": embeds, "prompt_tokens": batch.prompt_tokens.tolist(),
+                "merged_tokens": batch.merged_tokens.tolist(), "adapter": getattr(self, "adapter_path", None)}
+
+    # -- save / load -----------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "ks": self.ks,
+            "keep_tail": self.keep_tail,
+            "base": self.base_name,
+            "base_fingerprint": self.base_fingerprint,
+            "hidden_size": self.hidden_size,
+            "encoder_multiplier": self.encoder_multiplier,
+            "lora": asdict(self.lora_settings) if self.lora_settings else None,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "long_prompt_policy": self.long_prompt_policy,
+        }
+
+    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write encoder (safetensors), adapter (peft HF format) and ktm.json, each file atomically with
+        its sha256 recorded; the adapter folder is swapped in whole."""
+        from safetensors.torch import save_file
+
+        from ktm.io import sha256_file, write_json, write_text, write_with
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoders.state_dict().items()}
+        if state:
+            write_with(directory / "encoder.safetensors", lambda p: save_file(state, str(p)))
+        if self.lora_settings is not None:
+            tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory))
+            try:
+                self.lm.save_pretrained(tmp)
+                for f in list(tmp.iterdir()):
+                    write_text(Path(str(f) + ".sha256"), f"{sha256_file(f)}  {f.name}\n", checksum=False)
+                final = directory / "adapter"
+                if final.exists():
+                    old = directory / ".adapter-old"
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        write_json(directory / "ktm.json", {**self.metadata(), **(extra or {})})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None, dtype: str = "float32") -> "KTMModel":
+        """Load an exported run folder (ktm.json + encoder.safetensors + adapter/). Refuses missing,
+        truncated or mismatched files with one clear line."""
+        from safetensors.torch import load_file
+
+        from ktm.base import base_fingerprint, load_base
+        from ktm.io import read_json, verify
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise KTMError(f"checkpoint folder {directory} does not exist", "pass the export folder of a run (checkpoints/<exp>/<run>/export)")
+        meta = read_json(directory / "ktm.json", "checkpoint metadata")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise KTMError(f"checkpoint {directory} has format {meta.get('format_version')}, this ktm reads {FORMAT_VERSION}",
+                           "re-export it with this version of ktm")
+        base_name = base or meta["base"]
+        model, tokenizer, resolved = load_base(base_name, dtype)
+        fp = base_fingerprint(resolved)
+        if meta.get("base_fingerprint") and fp != meta["base_fingerprint"]:
+            raise KTMError(
+                f"checkpoint {directory} was trained on base {meta['base']!r} (weights {meta['base_fingerprint'][:12]}...), "
+                f"but {base_name!r} has weights {fp[:12]}...",
+                f"load it with the base it was trained on ({meta['base']})",
+            )
+        lora = meta.get("lora")
+        self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
+                   encoder_multiplier=meta.get("encoder_multiplier"), base_name=meta["base"], base_fingerprint=fp,
+                   max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"))
+        if lora is not None:
+            from peft import PeftModel
+
+            adapter = directory / "adapter"
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                verify(adapter / name, "LoRA adapter file")
+            self.lm = PeftModel.from_pretrained(model, str(adapter))
+            self.lora_settings = LoraSettings(**lora)
+            self.adapter_path = str(adapter)
+        if any(k > 1 for k in self.ks):
+            path = verify(directory / "encoder.safetensors", "merge encoder weights")
+            try:
+                state = load_file(str(path))
+            except Exception as exc:  # safetensors raises its own error types for damaged headers
+                raise KTMError(f"merge encoder weights {path} cannot be read ({exc})", "re-export the run") from None
+            try:
+                self.encoders.load_state_dict(state)
+            except RuntimeError as exc:
+                raise KTMError(f"merge encoder weights {path} do not fit K={self.ks} / hidden size {self.hidden_size} "
+                               f"({str(exc).splitlines()[0][:100]})", "check ktm.json matches the weights, or re-export") from None
+        self.eval()
+        return self
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
