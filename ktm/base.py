@@ -29,6 +29,53 @@ SMOLLM2 = {
     "folder": "smollm2-135m-instruct",
 }
 ALIASES = {"smollm2-135m": SMOLLM2}
+
+# Config-built bases with random weights, named "config:<name>": tiny ones for unit tests, real model
+# shapes for speed benchmarks (speed does not depend on weight values). They use an offline byte-level
+# tokenizer, so they need neither a hub nor the embedded base.
+CONFIG_SHAPES = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         tie_word_embeddings=True, vocab_size=151936, rope_theta=1000000.0),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         tie_word_embeddings=True, vocab_size=151936, rope_theta=1000000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                       tie_word_embeddings=False, vocab_size=152064, rope_theta=1000000.0),
+}
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline: 256 byte tokens + <pad> + <eos> (no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<pad>": len(alphabet), "<eos>": len(alphabet) + 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def config_base(name: str, dtype, seed: int = 0):
+    """Build a config-only base with random weights (seeded) and the byte tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in CONFIG_SHAPES:
+        raise KTMError(f"unknown config base {name!r}", f"use one of: {', '.join('config:' + n for n in CONFIG_SHAPES)}")
+    tokenizer = byte_tokenizer()
+    shape = dict(CONFIG_SHAPES[name])
+    shape.setdefault("vocab_size", len(tokenizer))
+    cfg = AutoConfig.for_model(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model, tokenizer
 MANIFEST = "ktm-manifest.json"
 
 
@@ -114,6 +161,8 @@ def resolve_base(name: str) -> str:
 
 def base_fingerprint(resolved: str) -> str:
     """An identity for the base weights recorded in checkpoints: sha256 for local folders, else the name."""
+    if resolved.startswith("config:"):
+        return resolved  # random weights, seeded: the name is the identity
     folder = Path(resolved)
     manifest = folder / MANIFEST
     if manifest.exists():
@@ -129,10 +178,13 @@ def load_base(name: str, dtype: str = "float32", attn_implementation: str | None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    resolved = resolve_base(name)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise KTMError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
+    if name.startswith("config:"):
+        model, tokenizer = config_base(name.split(":", 1)[1], torch_dtype)
+        return model, tokenizer, name
+    resolved = resolve_base(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, attn_implementation=attn_implementation)

@@ -3,3 +3,4 @@
 from ktm.benchmarks.common import REGISTRY, Benchmark, Example, Splits, get_benchmark, register
 
 __all__ = ["REGISTRY", "Benchmark", "Example", "Splits", "get_benchmark", "register"]
+from ktm.benchmarks import tree  # noqa: F401,E402  (registers "tree")
