@@ -344,7 +344,7 @@ class KTMModel(nn.Module):
         if self.lora_settings is not None:
             tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory))
             try:
-                self.lm.save_pretrained(tmp)
+                self.lm.save_pretrained(tmp, save_embedding_layers=False)  # the base (tied head incl.) is frozen
                 for f in list(tmp.iterdir()):
                     write_text(Path(str(f) + ".sha256"), f"{sha256_file(f)}  {f.name}\n", checksum=False)
                 final = directory / "adapter"

@@ -4,3 +4,6 @@ from ktm.benchmarks.common import REGISTRY, Benchmark, Example, Splits, get_benc
 
 __all__ = ["REGISTRY", "Benchmark", "Example", "Splits", "get_benchmark", "register"]
 from ktm.benchmarks import tree  # noqa: F401,E402  (registers "tree")
+from ktm.benchmarks import amazon  # noqa: F401,E402  (registers "amazon")
+from ktm.benchmarks import rotten_tomatoes  # noqa: F401,E402  (registers "rotten_tomatoes")
+from ktm.benchmarks import commitpack  # noqa: F401,E402  (registers "commitpack")

@@ -1,0 +1,675 @@
+"""CommitPackFT code editing (K-Token Merging, arXiv 2604.15153): given a file and a commit subject,
+produce the file after the commit. Scored by perplexity on the new file only.
+
+Prompt format (`format_prompt`, the paper's layout; the target is the new file, verbatim):
+
+    Edit the code below as the instructions say and output the complete new file.
+    Old Content:
+    <old file>
+    Instructions:
+    <commit subject>
+    New Content:
+
+Each heading is on its own line; a newline is added after the old file only when it lacks one.
+
+Sources (option `source`):
+- "hub": `data/<language>/data.jsonl` of `bigcode/commitpackft`, read with the generic `json` builder
+  of `datasets` (datasets>=4 no longer runs the repository's loading script). One file, so the split
+  is ours: a seeded test set of `test_size` examples (paper: 5,600), then val from the rest, both by
+  whole groups (first listed repository + file path), so successive states of one file never sit on
+  both sides. `hub_root` replaces the `hf://datasets/<repo>` prefix with a local folder laid out like
+  the hub repository (tests, mirrors); the code path is the same.
+- "jsonl": `data_dir` holding train.jsonl + test.jsonl, or explicit `train_file` (+ `test_file`).
+  Rows need subject, old_contents, new_contents; repo/repos, path/new_file/old_file, commit and license
+  are optional. Without a test file, test is carved from train like the hub split.
+  Group = repo + path. The shared set (shared/data/commits) was split by commit upstream, so its test
+  file shares files with train (42 of its 49 test files); we keep that test file as published, so our
+  numbers stay comparable, and report the overlap in info["test_groups_in_train"]. Val is carved from
+  train by group, so val never shares a file with train.
+- "auto" (default): the hub when it answers, else jsonl, with a WARNING that names the reason. The
+  decision is taken once per instance and enters the cache key, so a cache built from the fallback is
+  never reused for hub data.
+
+Long inputs (counted in info, never silent): `max_new_chars` drops examples whose target is longer
+(a truncated target would teach the model a file that does not exist). `max_old_chars` either drops the
+example (`long_policy="drop"`) or cuts the old file at a line boundary (`"truncate"`). The cut is
+from the end by default (`truncate_side="right"`, keeping the head): the target starts with the head
+of the new file, so the kept old head lines up with the first target tokens the rest is conditioned
+on, and a file's head holds the imports and definitions the rest refers to. `truncate_side="left"`
+keeps the end of the file instead. Rows whose old and new contents are equal are dropped (counted).
+
+`mine_commits` builds rows of the same schema from any local git repository (the rule used for the
+shared set, see shared/data/commits/SOURCES.md); `main` is its command line (`ktm data commits`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+from ktm.benchmarks import common
+from ktm.benchmarks.common import Benchmark, Example, Splits, register
+from ktm.errors import KTMError
+from ktm.io import read_jsonl, sha256_file, write_jsonl
+
+log = logging.getLogger("ktm")
+
+INSTRUCTION = "Edit the code below as the instructions say and output the complete new file."
+
+HUB_REPO = "bigcode/commitpackft"
+HUB_PATH = "data/{language}/data.jsonl"
+PAPER_TEST_SIZE = 5600  # the paper's CommitPackFT test set size
+DEFAULT_TEST_FRACTION = 0.1  # test carved from a jsonl source that has no test file
+HUB_TIMEOUT_S = 10
+
+REQUIRED = ("subject", "old_contents", "new_contents")
+SOURCES = ("auto", "hub", "jsonl")
+LONG_POLICIES = ("truncate", "drop")
+TRUNCATE_SIDES = ("right", "left")
+
+# File extensions per language, for the miner (CommitPackFT's language names where they exist).
+LANGUAGE_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "python": (".py",),
+    "javascript": (".js", ".mjs", ".cjs"),
+    "typescript": (".ts",),
+    "go": (".go",),
+    "rust": (".rs",),
+    "java": (".java",),
+    "c": (".c", ".h"),
+    "c++": (".cc", ".cpp", ".cxx", ".hpp", ".hh"),
+    "ruby": (".rb",),
+    "shell": (".sh",),
+}
+
+
+def format_prompt(old_contents: str, subject: str) -> str:
+    """The one place the prompt layout lives (see the module docstring). The target is new_contents."""
+    old = old_contents if old_contents.endswith("\n") or not old_contents else old_contents + "\n"
+    return f"{INSTRUCTION}\nOld Content:\n{old}Instructions:\n{subject.strip()}\nNew Content:\n"
+
+
+def truncate_text(text: str, max_chars: int, side: str = "right") -> str:
+    """Cut `text` to at most `max_chars`, at a line boundary when one exists inside the kept part.
+
+    side="right" removes the end (keeps the head), "left" removes the start (keeps the end).
+    """
+    if len(text) <= max_chars:
+        return text
+    if side == "right":
+        cut = text[:max_chars]
+        nl = cut.rfind("\n")
+        return cut[: nl + 1] if nl >= 0 else cut
+    start = len(text) - max_chars
+    if text[start - 1] == "\n":
+        return text[start:]  # already at a line start
+    cut = text[start:]
+    nl = cut.find("\n")
+    return cut[nl + 1 :] if 0 <= nl < len(cut) - 1 else cut
+
+
+@register
+class CommitPackBenchmark(Benchmark):
+    """CommitPackFT code editing, scored by perplexity on the new file.
+
+    Options (all enter the data cache key, defaults included, except hf_cache_dir):
+      source: "auto" | "hub" | "jsonl". Default "auto".
+      data_dir: folder with train.jsonl and test.jsonl (jsonl source). Default None.
+      train_file, test_file: explicit jsonl files instead of data_dir; without test_file the test split
+        is carved from train by group. Default None.
+      language: CommitPackFT language folder. Default "python".
+      hub_repo: Default "bigcode/commitpackft".  hub_path: in-repo file, "{language}" filled in.
+        Default "data/{language}/data.jsonl".  hub_revision: branch/tag/commit. Default None (main).
+      hub_root: local folder that stands in for hf://datasets/<hub_repo>. Default None.
+      hf_cache_dir: `datasets` cache folder. Default None (the datasets default).
+      test_size: examples held out for test when we split (hub; jsonl without test file): an int is a
+        count, a float in (0, 1) a fraction. Default None = 5600 for the hub, 0.1 for jsonl.
+      val_fraction: share of train examples moved to val, by whole groups. Default 0.1.
+      max_old_chars, max_new_chars: caps in characters, None = no cap. Default None.
+      long_policy: "truncate" | "drop" for old files over max_old_chars. Default "truncate".
+      truncate_side: "right" (keep the head) | "left" (keep the end). Default "right".
+    """
+
+    name = "commitpack"
+    task = "perplexity"
+    labels = ()
+    version = "1"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        source: str = "auto",
+        data_dir: str | None = None,
+        train_file: str | None = None,
+        test_file: str | None = None,
+        language: str = "python",
+        hub_repo: str = HUB_REPO,
+        hub_path: str = HUB_PATH,
+        hub_revision: str | None = None,
+        hub_root: str | None = None,
+        hf_cache_dir: str | None = None,
+        test_size: int | float | None = None,
+        val_fraction: float = 0.1,
+        max_old_chars: int | None = None,
+        max_new_chars: int | None = None,
+        long_policy: str = "truncate",
+        truncate_side: str = "right",
+    ):
+        _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old_chars, max_new_chars, long_policy, truncate_side)
+        super().__init__(
+            seed,
+            source=source,
+            data_dir=None if data_dir is None else str(data_dir),
+            train_file=None if train_file is None else str(train_file),
+            test_file=None if test_file is None else str(test_file),
+            language=language,
+            hub_repo=hub_repo,
+            hub_path=hub_path,
+            hub_revision=hub_revision,
+            hub_root=None if hub_root is None else str(hub_root),
+            hf_cache_dir=None if hf_cache_dir is None else str(hf_cache_dir),
+            test_size=test_size,
+            val_fraction=val_fraction,
+            max_old_chars=max_old_chars,
+            max_new_chars=max_new_chars,
+            long_policy=long_policy,
+            truncate_side=truncate_side,
+        )
+        self._resolved: dict[str, Any] | None = None
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    # -- source resolution ------------------------------------------------------------------------
+    def hub_data_files(self) -> str:
+        """What `datasets` is given: hf://datasets/<repo>[@rev]/<path>, or <hub_root>/<path>."""
+        o = self.options
+        path = o["hub_path"].format(language=o["language"])
+        if o["hub_root"] is not None:
+            return f"{Path(o['hub_root']).resolve()}/{path}"
+        rev = f"@{o['hub_revision']}" if o["hub_revision"] else ""
+        return f"hf://datasets/{o['hub_repo']}{rev}/{path}"
+
+    def jsonl_files(self) -> tuple[Path, Path | None] | None:
+        """(train, test or None) for the jsonl source, None when none is configured."""
+        o = self.options
+        if o["train_file"] is not None:
+            return Path(o["train_file"]), None if o["test_file"] is None else Path(o["test_file"])
+        if o["data_dir"] is not None:
+            return Path(o["data_dir"]) / "train.jsonl", Path(o["data_dir"]) / "test.jsonl"
+        return None
+
+    def resolve_source(self) -> dict[str, Any]:
+        """Decide once which source this instance uses: {"source", "hub": {...} | None, "fallback_reason"}.
+
+        For "auto" this asks the hub; a failure falls back to jsonl with a WARNING. A hub that answers
+        but lacks the file is a configuration error, never a reason to fall back.
+        """
+        if self._resolved is not None:
+            return self._resolved
+        requested = self.options["source"]
+        if requested == "jsonl":
+            self._require_jsonl("source is 'jsonl'")
+            self._resolved = {"source": "jsonl", "hub": None, "fallback_reason": None}
+            return self._resolved
+        hub, reason = self._probe_hub()
+        if hub is not None:
+            self._resolved = {"source": "hub", "hub": hub, "fallback_reason": None}
+        elif requested == "hub":
+            raise KTMError(
+                f"the CommitPackFT hub file {self.hub_data_files()} is unreachable ({reason})",
+                "check the network (or HF_HUB_OFFLINE), set hub_root to a local copy, or use source: jsonl with data_dir",
+            )
+        else:
+            self._require_jsonl(f"the hub is unreachable ({reason})")
+            log.warning("commitpack: hub file %s unreachable (%s); using the local jsonl files instead", self.hub_data_files(), reason)
+            self._resolved = {"source": "jsonl", "hub": None, "fallback_reason": reason}
+        return self._resolved
+
+    def _require_jsonl(self, why: str) -> None:
+        if self.jsonl_files() is None:
+            raise KTMError(
+                f"commitpack needs local data because {why}, but no data_dir or train_file is set",
+                "set data.benchmark_args.data_dir to a folder with train.jsonl and test.jsonl (e.g. ../shared/data/commits)",
+            )
+
+    def _probe_hub(self) -> tuple[dict[str, Any] | None, str | None]:
+        """Return (hub fingerprint, None) when the hub file can be read, else (None, reason)."""
+        o = self.options
+        path = o["hub_path"].format(language=o["language"])
+        if o["hub_root"] is not None:
+            root = Path(o["hub_root"])
+            if not root.is_dir():
+                return None, f"hub_root {root} is not a folder"
+            local = root / path
+            if not local.is_file():
+                raise KTMError(f"hub_root {root} has no {path}", f"lay the folder out like the hub repository {o['hub_repo']} or fix hub_path/language")
+            return {"data_files": self.hub_data_files(), "file": self._fingerprint(local)}, None
+        import huggingface_hub
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        url = huggingface_hub.hf_hub_url(o["hub_repo"], path, repo_type="dataset", revision=o["hub_revision"])
+        try:
+            meta = huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise KTMError(
+                f"the hub answered but has no {path} in dataset {o['hub_repo']} ({type(exc).__name__})",
+                "check language / hub_path / hub_revision against the repository's file list",
+            ) from None
+        except Exception as exc:  # any transport or offline-mode failure means "not reachable"
+            return None, f"{type(exc).__name__}: {_one_line(exc)}"
+        return {"data_files": self.hub_data_files(), "etag": meta.etag, "commit": meta.commit_hash}, None
+
+    def _fingerprint(self, path: Path) -> dict[str, Any]:
+        """Resolved path + size + sha256 (memoised on mtime/size, so an edited file is re-hashed)."""
+        p = Path(path).resolve()
+        st = p.stat()
+        memo = (str(p), st.st_mtime_ns, st.st_size)
+        if memo not in self._digests:
+            self._digests[memo] = sha256_file(p)
+        return {"path": str(p), "size": st.st_size, "sha256": self._digests[memo]}
+
+    def cache_key(self, stage: str) -> dict[str, Any]:
+        key = super().cache_key(stage)
+        # Where the HF cache lives does not change the data.
+        key["options"] = {k: v for k, v in self.options.items() if k != "hf_cache_dir"}
+        resolved = self.resolve_source()
+        key["source"] = resolved["source"]
+        if resolved["source"] == "hub":
+            key["hub"] = resolved["hub"]
+        else:
+            train, test = self.jsonl_files()  # type: ignore[misc]
+            # A missing file gets no fingerprint here; build() then reports it via read_jsonl.
+            key["data_files"] = [self._fingerprint(p) if p.exists() else {"path": str(p.resolve()), "missing": True} for p in (train, test) if p is not None]
+        return key
+
+    # -- building ---------------------------------------------------------------------------------
+    def build(self, stage: str) -> Splits:
+        resolved = self.resolve_source()
+        o = self.options
+        info: dict[str, Any] = {
+            "source": resolved["source"],
+            "requested_source": o["source"],
+            "language": o["language"],
+            "long_policy": o["long_policy"],
+            "truncate_side": o["truncate_side"],
+            "max_old_chars": o["max_old_chars"],
+            "max_new_chars": o["max_new_chars"],
+        }
+        if resolved["fallback_reason"]:
+            info["fallback_reason"] = resolved["fallback_reason"]
+        filt = _Filter(o["max_old_chars"], o["max_new_chars"], o["long_policy"], o["truncate_side"])
+        rng = random.Random(self.seed)
+
+        if resolved["source"] == "hub":
+            data_files = self.hub_data_files()
+            rows = self._load_hub(data_files)
+            info["data_files"] = data_files
+            info["hub"] = resolved["hub"]
+            info["read"] = {"hub": len(rows)}
+            examples = filt.apply(_examples(rows, "hub", data_files))
+            n_test = _size(o["test_size"] if o["test_size"] is not None else PAPER_TEST_SIZE, len(examples))
+            pool, test = _carve(examples, n_test, rng, "test")
+        else:
+            train_path, test_path = self.jsonl_files()  # type: ignore[misc]
+            train_rows = read_jsonl(train_path, REQUIRED, "commitpack train file")
+            info["data_files"] = {"train": str(train_path.resolve())}
+            info["read"] = {"train": len(train_rows)}
+            pool = filt.apply(_examples(train_rows, "jsonl", train_path))
+            if test_path is not None:
+                test_rows = read_jsonl(test_path, REQUIRED, "commitpack test file")
+                info["data_files"]["test"] = str(test_path.resolve())
+                info["read"]["test"] = len(test_rows)
+                test = filt.apply(_examples(test_rows, "jsonl", test_path))
+                # The published test split is kept as is; report how many of its files train also has.
+                train_groups = {e.group for e in pool}
+                info["test_groups_in_train"] = len({e.group for e in test} & train_groups)
+            else:
+                n_test = _size(o["test_size"] if o["test_size"] is not None else DEFAULT_TEST_FRACTION, len(pool))
+                pool, test = _carve(pool, n_test, rng, "test")
+                info["test_carved_from_train"] = True
+
+        n_val = _size(o["val_fraction"], len(pool)) if o["val_fraction"] > 0 else 0
+        train, val = _carve(pool, n_val, rng, "val")
+        if n_val and not val:
+            log.warning("commitpack: too few groups to carve a val split; val is empty")
+        info["dropped"] = filt.dropped
+        info["truncated_old"] = filt.truncated
+        info["counts"] = {"train": len(train), "val": len(val), "test": len(test)}
+        info["groups"] = {s: len({e.group for e in part}) for s, part in (("train", train), ("val", val), ("test", test))}
+        log.info("commitpack: %s source, %s, dropped %s, truncated %d", resolved["source"], info["counts"], filt.dropped, filt.truncated)
+        return Splits(train, val, test, info)
+
+    def _load_hub(self, data_files: str) -> list[dict]:
+        import datasets
+
+        o = self.options
+        try:
+            ds = datasets.load_dataset("json", data_files=data_files, split="train", cache_dir=o["hf_cache_dir"])
+        except Exception as exc:  # the library's many network/format errors become one line
+            raise KTMError(
+                f"could not load {data_files} with datasets ({type(exc).__name__}: {_one_line(exc)})",
+                "check the network or hub_root, or use source: jsonl with data_dir",
+            ) from None
+        missing = [k for k in REQUIRED if k not in ds.column_names]
+        if missing:
+            raise KTMError(f"{data_files} lacks column(s) {', '.join(missing)}", f"CommitPackFT rows need: {', '.join(REQUIRED)}")
+        return list(ds)
+
+
+class _Filter:
+    """Applies the long-input policy and the identical-contents rule, counting everything it does."""
+
+    def __init__(self, max_old: int | None, max_new: int | None, policy: str, side: str):
+        self.max_old, self.max_new, self.policy, self.side = max_old, max_new, policy, side
+        self.dropped = {"identical": 0, "long_new": 0, "long_old": 0}
+        self.truncated = 0
+
+    def apply(self, rows: Iterable[tuple[dict, str]]) -> list[Example]:
+        out = []
+        for row, group in rows:
+            old, new = row["old_contents"], row["new_contents"]
+            if old == new:
+                self.dropped["identical"] += 1
+                continue
+            if self.max_new is not None and len(new) > self.max_new:
+                self.dropped["long_new"] += 1
+                continue
+            truncated = False
+            if self.max_old is not None and len(old) > self.max_old:
+                if self.policy == "drop":
+                    self.dropped["long_old"] += 1
+                    continue
+                old, truncated = truncate_text(old, self.max_old, self.side), True
+                self.truncated += 1
+            meta = {k: row[k] for k in ("repo", "commit", "path", "license") if row.get(k) is not None}
+            meta["old_truncated"] = truncated
+            out.append(Example(prompt=format_prompt(old, row["subject"]), target=new, label=None, group=group, meta=meta))
+        return out
+
+
+def _examples(rows: list[dict], source: str, where: Any) -> Iterable[tuple[dict, str]]:
+    """Normalise field names (hub: repos/new_file/old_file) and yield (row, group)."""
+    for i, raw in enumerate(rows, 1):
+        for k in REQUIRED:
+            if not isinstance(raw[k], str):
+                raise KTMError(f"{source} data {where} row {i}: field {k} is {type(raw[k]).__name__}, not a string", "every row needs text in subject, old_contents and new_contents")
+        repos = raw.get("repo") or raw.get("repos") or ""
+        # The hub lists every repository (forks) holding the commit; the first one names the group.
+        repo = repos.split(",")[0].strip() if isinstance(repos, str) else ""
+        path = raw.get("path") or raw.get("new_file") or raw.get("old_file") or ""
+        row = {
+            "subject": raw["subject"],
+            "old_contents": raw["old_contents"],
+            "new_contents": raw["new_contents"],
+            "repo": repo or None,
+            "path": path or None,
+            "commit": raw.get("commit"),
+            "license": raw.get("license"),
+        }
+        # Without a path, identical old files still land together (best we can do).
+        group = f"{repo}/{path}" if path else f"{repo}#{common.stable_hash(raw['old_contents'])}"
+        yield row, group
+
+
+def _size(spec: int | float, n: int) -> int:
+    """A count (int) or a fraction of n (float); a positive fraction gives at least one example."""
+    if isinstance(spec, float):
+        return max(1, round(spec * n)) if spec > 0 and n else 0
+    return int(spec)
+
+
+def _carve(examples: list[Example], n: int, rng: random.Random, what: str) -> tuple[list[Example], list[Example]]:
+    """Move whole groups, in seeded random order, into a held-out part of at most `n` examples.
+
+    Groups that would overshoot are skipped (one file can have dozens of commits); at least one group
+    always stays behind. Returns (rest, held_out). For test, failing to hold anything out is an error.
+    """
+    if n <= 0:
+        return list(examples), []
+    sizes: dict[str, int] = {}
+    for e in examples:
+        sizes[e.group] = sizes.get(e.group, 0) + 1
+    if what == "test" and n >= len(examples):
+        raise KTMError(f"commitpack: test_size {n} leaves no training data ({len(examples)} examples after filtering)", "lower test_size")
+    groups = sorted(sizes)
+    rng.shuffle(groups)
+    picked: set[str] = set()
+    total = 0
+    for g in groups:
+        if len(picked) >= len(groups) - 1 or total >= n:
+            break
+        if total + sizes[g] <= n:
+            picked.add(g)
+            total += sizes[g]
+    if not picked and len(groups) > 1:
+        picked.add(min(groups, key=lambda g: (sizes[g], g)))
+    if not picked and what == "test":
+        raise KTMError(f"commitpack: cannot hold out a test split from {len(groups)} group(s)", "give a test_file or more data (different files)")
+    return [e for e in examples if e.group not in picked], [e for e in examples if e.group in picked]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old, max_new, policy, side) -> None:
+    if source not in SOURCES:
+        raise KTMError(f"commitpack: source {source!r} is not one of {', '.join(SOURCES)}", "set data.benchmark_args.source")
+    if data_dir is not None and train_file is not None:
+        raise KTMError("commitpack: data_dir and train_file are both set", "give either a data_dir or explicit train_file/test_file")
+    if test_file is not None and train_file is None:
+        raise KTMError("commitpack: test_file is set without train_file", "give train_file too, or use data_dir")
+    if test_size is not None:
+        ok = (isinstance(test_size, int) and not isinstance(test_size, bool) and test_size > 0) or (isinstance(test_size, float) and 0 < test_size < 1)
+        if not ok:
+            raise KTMError(f"commitpack: test_size {test_size!r} must be a positive int (count) or a float in (0, 1)", "fix data.benchmark_args.test_size")
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
+        raise KTMError(f"commitpack: val_fraction {val_fraction!r} must be in [0, 1)", "fix data.benchmark_args.val_fraction")
+    for name, cap in (("max_old_chars", max_old), ("max_new_chars", max_new)):
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+            raise KTMError(f"commitpack: {name} {cap!r} must be a positive int or null", f"fix data.benchmark_args.{name}")
+    if policy not in LONG_POLICIES:
+        raise KTMError(f"commitpack: long_policy {policy!r} is not one of {', '.join(LONG_POLICIES)}", "fix data.benchmark_args.long_policy")
+    if side not in TRUNCATE_SIDES:
+        raise KTMError(f"commitpack: truncate_side {side!r} is not one of {', '.join(TRUNCATE_SIDES)}", "fix data.benchmark_args.truncate_side")
+
+
+# -- commit miner -----------------------------------------------------------------------------------
+
+_RECORD, _FIELD = "\x1e", "\x1f"  # separators that do not occur in shas or one-line subjects
+
+
+def _git(args: list[str], cwd: Path, input_bytes: bytes | None = None) -> bytes:
+    proc = subprocess.run(["git", *args], cwd=cwd, input=input_bytes, capture_output=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+        raise KTMError(f"git {args[0]} failed in {cwd}: {msg[-1]}", "check that the repository is intact (git fsck)")
+    return proc.stdout
+
+
+def _repo_name(top: Path) -> str:
+    """owner/name from the origin remote when it is a GitHub-like URL, else the folder name."""
+    proc = subprocess.run(["git", "remote", "get-url", "origin"], cwd=top, capture_output=True, text=True)
+    m = re.search(r"[:/]([^/:]+/[^/]+?)(?:\.git)?/?$", proc.stdout.strip()) if proc.returncode == 0 else None
+    return m.group(1) if m else top.name
+
+
+_TOO_BIG = object()  # marks a blob skipped by size, so huge files are never read into memory
+
+
+def _read_blobs(top: Path, specs: list[str], max_bytes: int) -> list[Any]:
+    """Contents of `rev:path` specs via `git cat-file`: bytes, None (missing or not a file) or _TOO_BIG.
+
+    Sizes are checked first (--batch-check) and only blobs of at most `max_bytes` are read (--batch).
+    """
+    if not specs:
+        return []
+
+    def usable(header: list[bytes]) -> bool:
+        # "<oid> blob <size>"; a missing spec reads "<spec> missing" (the spec may contain spaces).
+        return header[-1] != b"missing" and len(header) == 3 and header[1] == b"blob"
+
+    checks = _git(["cat-file", "--batch-check"], top, "".join(s + "\n" for s in specs).encode("utf-8"))
+    out: list[Any] = []
+    wanted: list[int] = []
+    # One line per spec (paths with newlines were dropped earlier as git-quoted).
+    for i, line in enumerate(checks.split(b"\n")[: len(specs)]):
+        header = line.split(b" ")
+        if not usable(header):
+            out.append(None)
+        elif int(header[2]) > max_bytes:
+            out.append(_TOO_BIG)
+        else:
+            out.append(b"")
+            wanted.append(i)
+    if wanted:
+        data = _git(["cat-file", "--batch"], top, "".join(specs[i] + "\n" for i in wanted).encode("utf-8"))
+        pos = 0
+        for i in wanted:
+            end = data.index(b"\n", pos)
+            size = int(data[pos:end].split(b" ")[2])
+            out[i] = data[end + 1 : end + 1 + size]
+            pos = end + 1 + size + 1  # the content is followed by a newline
+    return out
+
+
+def mine_commits(
+    repo: str | Path,
+    out: str | Path,
+    language: str = "python",
+    max_changed_lines: int = 60,
+    max_chars: int = 6000,
+    max_commits: int | None = 4000,
+    *,
+    repo_name: str | None = None,
+    license: str | None = None,
+) -> dict[str, Any]:
+    """Write single-file edit commits of a local git repository as CommitPackFT-style JSON Lines.
+
+    Walks the newest `max_commits` non-merge commits (`git log --no-merges`, None = all) and keeps a
+    commit when: its subject is >= 10 characters and does not start with "Merge"; it changes exactly one
+    file (no rename detection) with the language's extension, not binary, added + deleted lines <=
+    max_changed_lines; the file exists in the first parent and in the commit, both versions are UTF-8
+    and <= max_chars characters, and they differ; the (old, new) pair was not kept already (cherry-picks;
+    the newest copy is kept). Rows: {repo, commit, path, subject, old_contents, new_contents[, license]},
+    written atomically. `repo_name` defaults to owner/name of the origin remote (else the folder name).
+
+    Returns {"repo", "out", "scanned", "kept", "dropped": {reason: count}}.
+    """
+    if language not in LANGUAGE_EXTENSIONS:
+        raise KTMError(f"mine_commits: unknown language {language!r}", f"use one of: {', '.join(sorted(LANGUAGE_EXTENSIONS))}")
+    if shutil.which("git") is None:
+        raise KTMError("git is not installed (or not on PATH)", "install git to mine commits")
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise KTMError(f"{repo} is not a folder", "pass the path of a local git clone with --repo")
+    probe = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=repo, capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise KTMError(f"{repo} is not a git repository", "pass the path of a local git clone with --repo")
+    top = Path(probe.stdout.strip())
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=top, capture_output=True).returncode != 0:
+        raise KTMError(f"{top} has no commits", "pass a repository with history")
+    extensions = LANGUAGE_EXTENSIONS[language]
+    name = repo_name or _repo_name(top)
+
+    args = ["-c", "core.quotepath=off", "log", "--no-merges", "--no-renames", "--no-ext-diff", "--no-textconv", "--numstat"]
+    args += [f"--format={_RECORD}%H{_FIELD}%P{_FIELD}%s"]
+    if max_commits is not None:
+        args.append(f"--max-count={max_commits}")
+    log_text = _git(args + ["HEAD", "--"], top).decode("utf-8", "replace")
+
+    dropped: dict[str, int] = {}
+    candidates: list[tuple[str, str, str, str]] = []  # (sha, parent, path, subject)
+
+    def drop(reason: str) -> None:
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+    records = [r for r in log_text.split(_RECORD) if r.strip()]
+    for record in records:
+        header, _, rest = record.partition("\n")
+        sha, parents, subject = header.split(_FIELD, 2)
+        files = [line.split("\t", 2) for line in rest.splitlines() if line.strip()]
+        if len(subject.strip()) < 10:
+            drop("short_subject")
+        elif subject.startswith("Merge"):
+            drop("merge_subject")
+        elif not parents.strip():
+            drop("root_commit")
+        elif len(files) != 1:
+            drop("not_single_file")
+        elif files[0][2].startswith('"'):
+            drop("unusual_path")  # git quoted it: control characters or quotes in the name
+        elif not files[0][2].endswith(extensions):
+            drop("other_language")
+        elif files[0][0] == "-":
+            drop("binary")
+        elif int(files[0][0]) + int(files[0][1]) > max_changed_lines:
+            drop("too_many_changed_lines")
+        else:
+            candidates.append((sha, parents.split()[0], files[0][2], subject.strip()))
+
+    # A UTF-8 character is at most 4 bytes, so a blob over 4 * max_chars bytes is too long anyway.
+    specs = [s for sha, parent, path, _ in candidates for s in (f"{parent}:{path}", f"{sha}:{path}")]
+    blobs = _read_blobs(top, specs, 4 * max_chars)
+    rows: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (sha, _parent, path, subject) in enumerate(candidates):
+        old_b, new_b = blobs[2 * i], blobs[2 * i + 1]
+        if old_b is None:
+            drop("not_in_parent")
+            continue
+        if new_b is None:
+            drop("not_in_commit")
+            continue
+        if old_b is _TOO_BIG or new_b is _TOO_BIG:
+            drop("too_long")
+            continue
+        try:
+            old, new = old_b.decode("utf-8"), new_b.decode("utf-8")
+        except UnicodeDecodeError:
+            drop("not_utf8")
+            continue
+        if len(old) > max_chars or len(new) > max_chars:
+            drop("too_long")
+        elif old == new:
+            drop("unchanged")  # e.g. a mode-only change
+        elif (old, new) in seen:
+            drop("duplicate")
+        else:
+            seen.add((old, new))
+            row = {"repo": name, "commit": sha, "path": path, "subject": subject, "old_contents": old, "new_contents": new}
+            if license is not None:
+                row["license"] = license
+            rows.append(row)
+
+    stats = {"repo": name, "out": str(out), "scanned": len(records), "kept": len(rows), "dropped": dict(sorted(dropped.items()))}
+    if not rows:
+        raise KTMError(f"no commit of {top} passed the filters (scanned {len(records)}, dropped {stats['dropped']})", "try another --language or larger --max-changed-lines/--max-chars")
+    write_jsonl(out, rows)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ktm data commits --repo PATH [--language python] [--out FILE] ...`: mine commits, print a summary."""
+    p = argparse.ArgumentParser(prog="ktm data commits", description="Mine single-file edit commits of a local git repository into CommitPackFT-style JSON Lines.")
+    p.add_argument("--repo", required=True, help="path of a local git clone")
+    p.add_argument("--language", default="python", choices=sorted(LANGUAGE_EXTENSIONS))
+    p.add_argument("--out", default=None, help="output .jsonl (default: $KTM_DATA/commits/<folder>-<language>.jsonl)")
+    p.add_argument("--max-changed-lines", type=int, default=60, help="added + deleted lines (default 60)")
+    p.add_argument("--max-chars", type=int, default=6000, help="max characters of each file version (default 6000)")
+    p.add_argument("--max-commits", type=int, default=4000, help="newest non-merge commits to walk, 0 = all (default 4000)")
+    p.add_argument("--repo-name", default=None, help="repo field of the rows (default: owner/name of origin, else the folder name)")
+    p.add_argument("--license", default=None, help="SPDX id written into every row (default: none)")
+    a = p.parse_args(argv)
+    out = Path(a.out) if a.out else common.DATA_DIR / "commits" / f"{Path(a.repo).resolve().name}-{a.language}.jsonl"
+    stats = mine_commits(
+        a.repo, out, a.language, a.max_changed_lines, a.max_chars, a.max_commits or None, repo_name=a.repo_name, license=a.license
+    )
+    drops = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items()) or "none"
+    print(f"mined {stats['kept']} of {stats['scanned']} commits of {stats['repo']} -> {out} (dropped: {drops})")
+    return 0

@@ -1,0 +1,106 @@
+"""Evaluation numbers, defined once.
+
+P-L F1 = 2PL / (P + L): the harmonic mean of task performance P and compression L.
+  L = 1 - compressed prompt length / original prompt length (summed over the evaluated prompts)
+  P = accuracy for classification, ppl_uncompressed / ppl for perplexity tasks (1.0 = no loss).
+Classification always comes with balanced accuracy (mean recall over classes) and the majority-class
+baseline, because tree labels are very unbalanced (~99% "false" on the largest stage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def pl_f1(performance: float, compression: float) -> float:
+    """2PL/(P+L); 0 when both are 0. Paper: acc 0.9838 at K=4 (L=0.75) -> 0.851."""
+    if performance + compression <= 0:
+        return 0.0
+    return 2 * performance * compression / (performance + compression)
+
+
+def compression_rate(original_tokens: float, compressed_tokens: float) -> float:
+    """L = 1 - compressed/original."""
+    return 1.0 - compressed_tokens / original_tokens if original_tokens > 0 else 0.0
+
+
+def ppl_performance(ppl_uncompressed: float, ppl: float) -> float:
+    """P for perplexity tasks: ppl_uncompressed / ppl (paper: 1.293/1.391 at K=4 -> P=0.93, F1 0.830)."""
+    return ppl_uncompressed / ppl if ppl > 0 else 0.0
+
+
+class SumMetric(Metric):
+    """Sums of named quantities, synced across processes (DDP) by torchmetrics."""
+
+    full_state_update = False
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.names = names
+        for n in names:
+            self.add_state(n, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, **values) -> None:
+        for n, v in values.items():
+            setattr(self, n, getattr(self, n) + torch.as_tensor(v, dtype=torch.float64, device=self.device).sum())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.names}
+
+
+class KMetrics(torch.nn.Module):
+    """Everything evaluated for one K on one split."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        if num_classes:
+            self.cls = MetricCollection({
+                "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+                "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
+            })
+        self.sums = SumMetric(("nll", "target_tokens", "prompt_tokens", "merged_tokens", "examples", *(f"label{i}" for i in range(num_classes))))
+
+    def update(self, nll, target_tokens, prompt_tokens, merged_tokens, preds=None, labels=None) -> None:
+        extra = {}
+        if self.num_classes and labels is not None:
+            self.cls.update(preds, labels)
+            extra = {f"label{i}": (labels == i).sum() for i in range(self.num_classes)}
+        self.sums.update(nll=nll, target_tokens=target_tokens, prompt_tokens=prompt_tokens, merged_tokens=merged_tokens,
+                         examples=torch.tensor(float(len(prompt_tokens))), **extra)
+
+    def compute(self) -> dict[str, float]:
+        s = {k: float(v) for k, v in self.sums.compute().items()}
+        out = {
+            "perplexity": math.exp(min(s["nll"] / max(s["target_tokens"], 1.0), 50.0)),
+            "compression": compression_rate(s["prompt_tokens"], s["merged_tokens"]),
+            "prompt_tokens_mean": s["prompt_tokens"] / max(s["examples"], 1.0),
+            "merged_tokens_mean": s["merged_tokens"] / max(s["examples"], 1.0),
+            "examples": s["examples"],
+        }
+        if self.num_classes:
+            out.update({k: float(v) for k, v in self.cls.compute().items()})
+            counts = [s[f"label{i}"] for i in range(self.num_classes)]
+            out["majority_baseline"] = max(counts) / max(sum(counts), 1.0)
+            out["pl_f1"] = pl_f1(out["accuracy"], out["compression"])
+        return out
+
+    def reset(self) -> None:
+        self.sums.reset()
+        if self.num_classes:
+            self.cls.reset()
+
+
+def add_perplexity_f1(per_k: dict[int, dict[str, float]]) -> None:
+    """For perplexity tasks: P = ppl(K=1) / ppl(K), measured in the same run (same budget)."""
+    if 1 not in per_k:
+        return
+    ref = per_k[1]["perplexity"]
+    for k, m in per_k.items():
+        m["perplexity_uncompressed"] = ref
+        m["performance"] = ppl_performance(ref, m["perplexity"])
+        m["pl_f1"] = pl_f1(m["performance"], m["compression"])

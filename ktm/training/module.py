@@ -1,0 +1,195 @@
+"""KTMModule: the LightningModule around KTMModel (frozen base + LoRA + merge encoders).
+
+Train: loss on answer tokens only, at the curriculum's current K. Validate/test: every K in `eval_ks`
+on the same examples, so TensorBoard compares K side by side (`val/k4/accuracy`, `val/k1/perplexity`).
+Checkpoints hold only the trainable weights (LoRA + encoders) plus the base's fingerprint; the frozen
+base is loaded from its source, and a checkpoint of another base is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ktm.errors import KTMError
+from ktm.metrics import KMetrics, add_perplexity_f1
+from ktm.model import KTMModel, LoraSettings
+
+log = logging.getLogger("ktm")
+
+
+class KTMModule(L.LightningModule):
+    def __init__(
+        self,
+        base: str = "smollm2-135m",
+        ks: list[int] = [4],  # noqa: B006  (jsonargparse needs a plain default)
+        keep_tail: int = 0,
+        lora: LoraSettings = LoraSettings(),  # noqa: B008
+        lr_lora: float = 1e-4,
+        lr_encoder: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        dtype: str = "float32",
+        encoder_multiplier: float | None = None,
+        max_prompt_tokens: int | None = None,
+        long_prompt_policy: str = "error",
+        eval_ks: list[int] | None = None,
+    ):
+        """
+        Args:
+            base: HF causal LM (hub id like Qwen/Qwen2.5-0.5B, or local folder), `smollm2-135m` (embedded),
+                or `config:<shape>` (random weights; tests and speed benchmarks).
+            ks: K values this model gets a merge encoder for (K=1 = uncompressed, no encoder).
+            keep_tail: last N prompt tokens left unmerged (0 = the paper: merge everything).
+            lora: LoRA settings (r=0 disables LoRA).
+            lr_lora: AdamW learning rate of the LoRA adapters.
+            lr_encoder: AdamW learning rate of the merge encoders.
+            weight_decay: AdamW weight decay (both groups).
+            warmup_steps: linear learning-rate warm-up steps, then constant.
+            dtype: weights dtype of the base (float32 on CPU; bfloat16 on GPU).
+            encoder_multiplier: f in the hidden size h = int(f*K)*d (None = the paper's rule, see ktm.encoder).
+            max_prompt_tokens: longest prompt accepted (None = the base's context length).
+            long_prompt_policy: "error" or "truncate_left" for prompts over max_prompt_tokens (counted).
+            eval_ks: K values evaluated at validation/test (None = all of ks).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
+        self.model = KTMModel.from_base(
+            base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier,
+            max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
+        self.eval_ks = sorted(set(eval_ks or self.model.ks))
+        missing = [k for k in self.eval_ks if k not in self.model.ks]
+        if missing:
+            raise KTMError(f"model.eval_ks {missing} are not in model.ks {self.model.ks}", "add them to model.ks or remove them from eval_ks")
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.task = "classification"
+        self.labels: tuple[str, ...] = ()
+        self.metrics = nn.ModuleDict()
+        self.results: dict[str, dict[int, dict[str, float]]] = {}
+        self._label_ids: list[int] = []
+
+    # -- wiring to the data --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
+        self.task, self.labels = dm.benchmark.task, tuple(dm.benchmark.labels)
+        bad = [k for k in dm.k_schedule if k not in self.model.ks]
+        if bad:
+            raise KTMError(f"data.k_schedule uses K={bad} but model.ks is {self.model.ks}", "add those K to model.ks")
+        if self.task == "classification":
+            self._label_ids = self.model.label_token_ids(self.labels)
+        if not len(self.metrics):
+            n = len(self.labels) if self.task == "classification" else 0
+            for split in ("val", "test"):
+                self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in self.eval_ks})
+
+    def current_k(self) -> int:
+        return self.trainer.datamodule.current_k(default=self.model.ks[-1])
+
+    def _batch(self, batch: dict[str, Any], k: int):
+        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
+        target_ids = self.model.tokenize_targets(batch["targets"])
+        return self.model.build_batch(prompt_ids, k, target_ids)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        k = self.current_k()
+        b = self._batch(batch, k)
+        nll, counts, _ = self.model.target_nll(b)
+        loss = nll.sum() / counts.sum().clamp(min=1)
+        bs = len(batch["prompts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log(f"train/k{k}/loss", loss, batch_size=bs)
+        self.log("train/k", float(k), prog_bar=True, batch_size=bs)
+        self._tokens = (int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        labels = None
+        if self.task == "classification":
+            labels = torch.tensor([self.labels.index(y) for y in batch["labels"]], device=self.device)
+        for k in self.eval_ks:
+            b = self._batch(batch, k)
+            nll, counts, answer_logits = self.model.target_nll(b)
+            preds = answer_logits[:, self._label_ids].argmax(-1) if labels is not None else None
+            self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, split: str) -> dict[int, dict[str, float]]:
+        per_k = {k: self.metrics[split][str(k)].compute() for k in self.eval_ks}
+        for m in self.metrics[split].values():
+            m.reset()
+        if self.task == "perplexity":
+            add_perplexity_f1(per_k)
+        dm = self.trainer.datamodule
+        for k, values in per_k.items():
+            for name, value in values.items():
+                self.log(f"{split}/k{k}/{name}", value, sync_dist=False, rank_zero_only=True)
+            for name in ("accuracy", "balanced_accuracy", "perplexity", "pl_f1"):
+                if name in values:  # the same numbers tagged by data stage, to compare stages
+                    self.log(f"{split}_stage/{dm.stage}/k{k}/{name}", values[name], rank_zero_only=True)
+        self.results[split] = per_k
+        return per_k
+
+    def on_validation_epoch_end(self) -> None:
+        per_k = self._eval_epoch_end("val")
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        dm = self.trainer.datamodule
+        k = self.current_k()
+        reference = per_k.get(k) or per_k[max(per_k)]
+        for event in dm.after_validation(reference, k):
+            log.info("curriculum: %s", event)
+        self.log("curriculum/stage", float(dm.stage_index), rank_zero_only=True)
+        if dm.finished:
+            self.trainer.should_stop = True
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = self.model.trainable_parameters()
+        param_groups = [{"params": groups["lora"], "lr": self.hparams.lr_lora, "name": "lora"},
+                        {"params": groups["encoder"], "lr": self.hparams.lr_encoder, "name": "encoder"}]
+        param_groups = [g for g in param_groups if g["params"]]
+        if not param_groups:
+            raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay)
+        warm = max(self.hparams.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: trainable weights only + what they were trained with ---------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {n: t for n, t in checkpoint["state_dict"].items() if n in trainable}
+        checkpoint["ktm"] = self.model.metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("ktm")
+        if saved is None:
+            raise KTMError("this checkpoint was not written by ktm (no 'ktm' metadata)", "resume from a checkpoints/<exp>/<run>/checkpoints/*.ckpt file")
+        mine = self.model.metadata()
+        for key in ("base_fingerprint", "ks", "keep_tail", "hidden_size"):
+            if saved.get(key) != mine.get(key):
+                raise KTMError(
+                    f"checkpoint was trained with {key}={str(saved.get(key))[:40]}, this run has {str(mine.get(key))[:40]}",
+                    "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
+
+
+def lora_dict(settings: LoraSettings) -> dict:
+    return asdict(settings)

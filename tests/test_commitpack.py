@@ -1,0 +1,467 @@
+"""CommitPackFT benchmark: jsonl and hub sources, long-input policy, cache keys, and the commit miner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ktm.benchmarks import common, get_benchmark
+from ktm.benchmarks.commitpack import INSTRUCTION, CommitPackBenchmark, format_prompt, main, mine_commits, truncate_text
+from ktm.errors import KTMError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commits"
+needs_shared = pytest.mark.skipif(not (SHARED / "train.jsonl").exists(), reason=f"shared commit data not found at {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path, monkeypatch):
+    # Caches go to a temp folder, never to the repository's data/.
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "cache")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _edit(repo: str, path: str, i: int, old: str | None = None, new: str | None = None) -> dict:
+    return {
+        "repo": repo,
+        "path": path,
+        "commit": f"{repo}-{path}-{i}",
+        "subject": f"Change number {i} of {path}",
+        "old_contents": old if old is not None else f"x = {i}\n",
+        "new_contents": new if new is not None else f"x = {i + 1}\n",
+    }
+
+
+def _fixture_dir(tmp_path: Path, n_files: int = 8, per_file: int = 3) -> Path:
+    """train.jsonl with n_files groups of per_file edits each, test.jsonl with two other files."""
+    d = tmp_path / "commits"
+    train = [_edit(f"o/r{f % 2}", f"m{f}.py", i) for f in range(n_files) for i in range(per_file)]
+    test = [_edit("o/t", f"t{f}.py", 0) for f in range(2)]
+    _write(d / "train.jsonl", train)
+    _write(d / "test.jsonl", test)
+    return d
+
+
+# -- prompt format ---------------------------------------------------------------------------------
+
+
+def test_prompt_format_is_the_papers_layout():
+    assert format_prompt("a = 1\n", "  Bump a  ") == (
+        f"{INSTRUCTION}\nOld Content:\na = 1\nInstructions:\nBump a\nNew Content:\n"
+    )
+    # A file without a final newline still leaves "Instructions:" on its own line.
+    assert format_prompt("a = 1", "Bump a").count("a = 1\nInstructions:\n") == 1
+    assert format_prompt("", "Create it").startswith(f"{INSTRUCTION}\nOld Content:\nInstructions:\n")
+
+
+# -- the shared data -------------------------------------------------------------------------------
+
+
+@needs_shared
+def test_shared_jsonl_counts_format_and_group_split():
+    bench = CommitPackBenchmark(source="jsonl", data_dir=str(SHARED))
+    splits = bench.load("all")
+    info = splits.info
+    assert info["source"] == "jsonl" and info["read"] == {"train": 717, "test": 72}
+    assert len(splits.train) + len(splits.val) == 717 and len(splits.test) == 72
+    assert info["counts"] == {"train": len(splits.train), "val": len(splits.val), "test": 72}
+    assert info["dropped"] == {"identical": 0, "long_new": 0, "long_old": 0} and info["truncated_old"] == 0
+    assert 40 <= len(splits.val) <= 72  # 10% of train, by whole files, never over
+    train_groups, val_groups = {e.group for e in splits.train}, {e.group for e in splits.val}
+    assert val_groups and not train_groups & val_groups
+    # The published test split shares files with train (split by commit upstream); we report it.
+    assert info["test_groups_in_train"] == 42
+
+    by_commit = {r["commit"]: r for r in _rows(SHARED / "train.jsonl") + _rows(SHARED / "test.jsonl")}
+    for e in splits.train + splits.val + splits.test:
+        row = by_commit[e.meta["commit"]]
+        assert e.target == row["new_contents"]
+        assert e.prompt == format_prompt(row["old_contents"], row["subject"])
+        assert e.group == f"{row['repo']}/{row['path']}" and e.label is None
+        assert e.meta["license"] == row["license"] and e.meta["old_truncated"] is False
+    # Second load comes from the cache and is the same data.
+    again = CommitPackBenchmark(source="jsonl", data_dir=str(SHARED)).load("all")
+    assert [e.meta["commit"] for e in again.val] == [e.meta["commit"] for e in splits.val]
+
+
+@needs_shared
+def test_shared_long_policies_are_counted():
+    rows = _rows(SHARED / "train.jsonl") + _rows(SHARED / "test.jsonl")
+    cap = 2000
+    n_long = sum(len(r["old_contents"]) > cap for r in rows)
+    assert n_long > 0
+    cut = CommitPackBenchmark(source="jsonl", data_dir=str(SHARED), max_old_chars=cap).build("all")
+    assert cut.info["truncated_old"] == n_long and cut.info["dropped"]["long_old"] == 0
+    assert sum(len(s) for s in (cut.train, cut.val, cut.test)) == 789
+    assert sum(e.meta["old_truncated"] for e in cut.train + cut.val + cut.test) == n_long
+    dropped = CommitPackBenchmark(source="jsonl", data_dir=str(SHARED), max_old_chars=cap, long_policy="drop").build("all")
+    assert dropped.info["dropped"]["long_old"] == n_long and dropped.info["truncated_old"] == 0
+    assert sum(len(s) for s in (dropped.train, dropped.val, dropped.test)) == 789 - n_long
+
+
+# -- long inputs on a fixture ----------------------------------------------------------------------
+
+
+def test_truncate_keeps_whole_lines_from_the_chosen_side():
+    text = "import os\nimport sys\n\ndef main():\n    pass\n"
+    assert truncate_text(text, 25) == "import os\nimport sys\n\n"
+    assert truncate_text(text, 25, "left") == "\ndef main():\n    pass\n"  # the partial "ys\n" goes
+    assert truncate_text(text, 21, "left") == "def main():\n    pass\n"  # cut already on a line start
+    assert truncate_text(text, 20, "left") == "    pass\n"
+    assert truncate_text(text, len(text)) == text
+    assert truncate_text("x" * 50, 10) == "x" * 10  # no line break inside: hard cut
+
+
+def test_long_old_truncate_vs_drop_and_long_new_and_identical(tmp_path):
+    long_old = "".join(f"line {i}\n" for i in range(40))  # 290 chars
+    rows = [
+        _edit("o/a", "a.py", 0, old=long_old, new="short\n"),
+        _edit("o/b", "b.py", 0, old="a\n", new="n" * 500),  # target over the cap: always dropped
+        _edit("o/c", "c.py", 0, old="same\n", new="same\n"),  # no change: dropped
+        *[_edit(f"o/r{i}", f"f{i}.py", 0) for i in range(6)],
+    ]
+    d = tmp_path / "d"
+    _write(d / "train.jsonl", rows)
+    _write(d / "test.jsonl", [_edit("o/t", "t.py", 0)])
+
+    cut = CommitPackBenchmark(source="jsonl", data_dir=str(d), max_old_chars=100, max_new_chars=200).build("all")
+    assert cut.info["dropped"] == {"identical": 1, "long_new": 1, "long_old": 0} and cut.info["truncated_old"] == 1
+    ex = next(e for e in cut.train + cut.val if e.meta["path"] == "a.py")
+    assert ex.meta["old_truncated"] and "line 0\n" in ex.prompt and "line 39" not in ex.prompt
+    assert ex.prompt == format_prompt(truncate_text(long_old, 100), rows[0]["subject"])
+    assert ex.target == "short\n"
+
+    left = CommitPackBenchmark(source="jsonl", data_dir=str(d), max_old_chars=100, truncate_side="left").build("all")
+    ex = next(e for e in left.train + left.val if e.meta["path"] == "a.py")
+    assert "line 39\n" in ex.prompt and "line 0\n" not in ex.prompt
+
+    drop = CommitPackBenchmark(source="jsonl", data_dir=str(d), max_old_chars=100, max_new_chars=200, long_policy="drop").build("all")
+    assert drop.info["dropped"] == {"identical": 1, "long_new": 1, "long_old": 1} and drop.info["truncated_old"] == 0
+    assert all(e.meta["path"] != "a.py" for e in drop.train + drop.val)
+    assert sum(drop.info["counts"].values()) == 7
+
+
+# -- bad data files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", ["test.jsonl", "does not exist"]),
+        ("empty", ["train.jsonl", "is empty"]),
+        ("not_json", ["train.jsonl", "line 2", "not JSON"]),
+        ("missing_field", ["train.jsonl", "line 3", "subject"]),
+        ("not_text", ["row 2", "new_contents", "int"]),
+    ],
+)
+def test_bad_data_files_name_the_problem(tmp_path, case, expected):
+    d = _fixture_dir(tmp_path)
+    train = d / "train.jsonl"
+    good = train.read_text().splitlines()
+    if case == "missing":
+        (d / "test.jsonl").unlink()
+    elif case == "empty":
+        train.write_text("\n")
+    elif case == "not_json":
+        train.write_text(good[0] + "\n{oops\n")
+    elif case == "missing_field":
+        row = json.loads(good[2])
+        del row["subject"]
+        train.write_text("\n".join(good[:2] + [json.dumps(row)]) + "\n")
+    elif case == "not_text":
+        row = json.loads(good[1])
+        row["new_contents"] = 7
+        train.write_text("\n".join([good[0], json.dumps(row)]) + "\n")
+    with pytest.raises(KTMError) as err:
+        CommitPackBenchmark(source="jsonl", data_dir=str(d)).build("all")
+    for part in expected:
+        assert part in str(err.value)
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    with pytest.raises(KTMError, match="source"):
+        CommitPackBenchmark(source="web")
+    with pytest.raises(KTMError, match="long_policy"):
+        CommitPackBenchmark(long_policy="cut")
+    with pytest.raises(KTMError, match="max_old_chars"):
+        CommitPackBenchmark(max_old_chars=0)
+    with pytest.raises(KTMError, match="both set"):
+        CommitPackBenchmark(data_dir="a", train_file="b")
+    with pytest.raises(KTMError, match="test_size"):
+        CommitPackBenchmark(test_size=1.5)
+    with pytest.raises(KTMError, match="bad options"):
+        get_benchmark("commitpack", bogus=1)
+    with pytest.raises(KTMError, match="no data_dir or train_file"):
+        CommitPackBenchmark(source="jsonl").build("all")
+
+
+# -- splitting and the cache -----------------------------------------------------------------------
+
+
+def test_split_is_seeded_and_by_group(tmp_path):
+    d = _fixture_dir(tmp_path, n_files=20)
+    a = CommitPackBenchmark(source="jsonl", train_file=str(d / "train.jsonl"), seed=1).build("all")
+    b = CommitPackBenchmark(source="jsonl", train_file=str(d / "train.jsonl"), seed=1).build("all")
+    c = CommitPackBenchmark(source="jsonl", train_file=str(d / "train.jsonl"), seed=2).build("all")
+    assert a.info["test_carved_from_train"] and a.info["counts"] == {"train": 51, "val": 3, "test": 6}  # val 5 asked, groups of 3, never over
+    assert [e.meta["commit"] for e in a.test] == [e.meta["commit"] for e in b.test]
+    assert {e.group for e in a.test} != {e.group for e in c.test}
+    parts = [{e.group for e in s} for s in (a.train, a.val, a.test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+
+
+def test_edited_data_file_rebuilds_the_cache(tmp_path):
+    d = _fixture_dir(tmp_path)
+    first = CommitPackBenchmark(source="jsonl", data_dir=str(d))
+    key1, path1 = first.cache_key("all"), first.cache_path("all")
+    assert [f["path"] for f in key1["data_files"]] == [str((d / n).resolve()) for n in ("train.jsonl", "test.jsonl")]
+    assert first.load("all").info["read"]["train"] == 24
+    _write(d / "train.jsonl", _rows(d / "train.jsonl") + [_edit("o/new", "new.py", 0)])
+    second = CommitPackBenchmark(source="jsonl", data_dir=str(d))
+    assert second.cache_path("all") != path1 and second.cache_key("all")["data_files"][0]["sha256"] != key1["data_files"][0]["sha256"]
+    assert second.load("all").info["read"]["train"] == 25
+
+
+# -- hub source ------------------------------------------------------------------------------------
+
+
+def _hub_row(repo: str, path: str, i: int) -> dict:
+    return {
+        "commit": f"{i:040x}",
+        "old_file": path,
+        "new_file": path,
+        "old_contents": f"def f():\n    return {i}\n",
+        "new_contents": f"def f():\n    return {i + 1}\n",
+        "subject": f"Return {i + 1} from f",
+        "message": f"Return {i + 1} from f\n\nLonger text.\n",
+        "lang": "Python",
+        "license": "mit",
+        "repos": f"{repo},fork/{repo.split('/')[1]}",
+    }
+
+
+def _hub_fixture(tmp_path: Path, language: str = "python") -> Path:
+    root = tmp_path / "hub"
+    rows = [_hub_row(f"own{f % 3}/proj", f"pkg/m{f}.py", f * 10 + i) for f in range(12) for i in range(2)]
+    rows.append({**_hub_row("own0/proj", "pkg/same.py", 999), "new_contents": "def f():\n    return 999\n"})
+    _write(root / "data" / language / "data.jsonl", rows)
+    return root
+
+
+def test_hub_layout_fixture_through_datasets(tmp_path):
+    root = _hub_fixture(tmp_path)
+    bench = CommitPackBenchmark(source="hub", hub_root=str(root), hf_cache_dir=str(tmp_path / "hf"), test_size=4)
+    splits = bench.load("all")
+    info = splits.info
+    assert info["source"] == "hub" and info["read"] == {"hub": 25}
+    assert info["data_files"] == f"{root.resolve()}/data/python/data.jsonl"
+    assert info["dropped"]["identical"] == 1
+    assert info["counts"]["test"] == 4 and sum(info["counts"].values()) == 24
+    parts = [{e.group for e in s} for s in (splits.train, splits.val, splits.test)]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    e = splits.test[0]
+    i = int(e.meta["commit"], 16)
+    assert e.group == f"own{(i // 10) % 3}/proj/pkg/m{i // 10}.py"  # first listed repo + file
+    assert e.prompt == format_prompt(f"def f():\n    return {i}\n", f"Return {i + 1} from f")
+    assert e.target == f"def f():\n    return {i + 1}\n"
+    # The cache key names the local hub file by content.
+    assert bench.cache_key("all")["hub"]["file"]["path"] == str((root / "data/python/data.jsonl").resolve())
+
+
+def test_hub_errors(tmp_path):
+    root = _hub_fixture(tmp_path)
+    with pytest.raises(KTMError, match="has no data/go/data.jsonl"):
+        CommitPackBenchmark(source="hub", hub_root=str(root), language="go").build("all")
+    with pytest.raises(KTMError, match="unreachable"):
+        CommitPackBenchmark(source="hub", hub_root=str(tmp_path / "nowhere")).build("all")
+    with pytest.raises(KTMError, match="leaves no training data"):
+        CommitPackBenchmark(source="hub", hub_root=str(root), hf_cache_dir=str(tmp_path / "hf"), test_size=24).build("all")
+
+
+def test_remote_hub_path_is_read_with_the_json_builder(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    local = _hub_fixture(tmp_path) / "data" / "python" / "data.jsonl"
+    seen = {}
+
+    class Meta:
+        etag, commit_hash = "etag123", "c0ffee"
+
+    def fake_load(path, data_files=None, split=None, cache_dir=None, **kw):
+        seen.update(path=path, data_files=data_files, split=split)
+        return datasets.Dataset.from_list(_rows(local))
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout=None: Meta())
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    splits = CommitPackBenchmark(test_size=4).build("all")  # source auto: the hub "answers"
+    assert seen == {"path": "json", "data_files": "hf://datasets/bigcode/commitpackft/data/python/data.jsonl", "split": "train"}
+    assert splits.info["source"] == "hub" and splits.info["hub"]["etag"] == "etag123"
+    bench = CommitPackBenchmark(source="hub", hub_revision="v1", language="go")
+    assert bench.hub_data_files() == "hf://datasets/bigcode/commitpackft@v1/data/go/data.jsonl"
+
+
+def test_auto_falls_back_to_jsonl_with_a_warning(tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    d = _fixture_dir(tmp_path)
+
+    def offline(url, timeout=None):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", offline)
+    with caplog.at_level(logging.WARNING, logger="ktm"):
+        splits = CommitPackBenchmark(data_dir=str(d)).load("all")
+    assert splits.info["source"] == "jsonl" and splits.info["requested_source"] == "auto"
+    assert "ConnectionError" in splits.info["fallback_reason"]
+    assert any(r.levelno == logging.WARNING and "unreachable" in r.getMessage() for r in caplog.records)
+    # The fallback's cache is keyed as jsonl, so it is never served as hub data.
+    assert CommitPackBenchmark(data_dir=str(d)).cache_key("all")["source"] == "jsonl"
+    # A missing local hub mirror falls back the same way.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ktm"):
+        local = CommitPackBenchmark(data_dir=str(d), hub_root=str(tmp_path / "nowhere")).build("all")
+    assert local.info["source"] == "jsonl" and any("unreachable" in r.getMessage() for r in caplog.records)
+    with pytest.raises(KTMError, match="hub is unreachable"):
+        CommitPackBenchmark().build("all")
+    with pytest.raises(KTMError, match="unreachable"):
+        CommitPackBenchmark(source="hub").build("all")
+
+
+# -- commit miner ----------------------------------------------------------------------------------
+
+
+class _Repo:
+    """A throwaway git repository with deterministic commit dates."""
+
+    def __init__(self, path: Path):
+        self.path, self.t = path, 1_700_000_000
+        path.mkdir()
+        self.git("init", "-q", "-b", "main")
+
+    def git(self, *args: str) -> str:
+        self.t += 60
+        env = {
+            **os.environ,
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_AUTHOR_NAME": "T",
+            "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "T",
+            "GIT_COMMITTER_EMAIL": "t@example.com",
+            "GIT_AUTHOR_DATE": f"{self.t} +0000",
+            "GIT_COMMITTER_DATE": f"{self.t} +0000",
+        }
+        return subprocess.run(["git", *args], cwd=self.path, env=env, check=True, capture_output=True, text=True).stdout
+
+    def commit(self, subject: str, **files: str) -> str:
+        for name, text in files.items():
+            (self.path / name.replace("__", ".")).write_text(text)
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", subject)
+        return self.git("rev-parse", "HEAD").strip()
+
+
+@pytest.fixture
+def mined_repo(tmp_path) -> tuple[_Repo, dict[str, str]]:
+    r = _Repo(tmp_path / "proj")
+    shas = {}
+    r.commit("Initial commit of the project", a__py="a = 1\n", b__py="b = 1\n", c__py="c = 1\n", README__md="hi\n")
+    shas["a"] = r.commit("Fix the value of a", a__py="a = 2\n")
+    r.commit("Touch two files at once", a__py="a = 3\n", b__py="b = 2\n")
+    r.commit("Document the usage better", README__md="hello\n")
+    r.commit("fix", b__py="b = 3\n")
+    r.commit("Merge helper code into c", c__py="c = 2\n")
+    r.git("checkout", "-q", "-b", "feature")
+    shas["b"] = r.commit("Rename the variable in b", b__py="bb = 3\n")
+    r.git("checkout", "-q", "main")
+    shas["c"] = r.commit("Add a docstring to module c", c__py='"""C."""\nc = 2\n')
+    r.git("merge", "-q", "--no-ff", "-m", "Merge branch 'feature' into main", "feature")
+    r.commit("Add many generated functions", a__py="a = 3\n" + "".join(f"def f{i}(): pass\n" for i in range(80)))
+    r.commit("Add module d with helpers", d__py="d = 1\n")
+    r.git("remote", "add", "origin", "git@github.com:owner/proj.git")
+    return r, shas
+
+
+def test_miner_keeps_only_single_file_language_edits(mined_repo, tmp_path):
+    repo, shas = mined_repo
+    out = tmp_path / "mined.jsonl"
+    stats = mine_commits(repo.path, out, license="MIT")
+    assert stats["scanned"] == 10 and stats["kept"] == 3  # the merge commit itself is never walked
+    assert stats["dropped"] == {
+        "merge_subject": 1,
+        "not_in_parent": 1,
+        "not_single_file": 1,
+        "other_language": 1,
+        "root_commit": 1,
+        "short_subject": 1,
+        "too_many_changed_lines": 1,
+    }
+    rows = _rows(out)
+    assert (tmp_path / "mined.jsonl.sha256").exists()  # written through ktm.io (atomic + checksum)
+    assert {r["commit"] for r in rows} == set(shas.values())
+    a = next(r for r in rows if r["commit"] == shas["a"])
+    assert a == {
+        "repo": "owner/proj",
+        "commit": shas["a"],
+        "path": "a.py",
+        "subject": "Fix the value of a",
+        "old_contents": "a = 1\n",
+        "new_contents": "a = 2\n",
+        "license": "MIT",
+    }
+    assert mine_commits(repo.path, tmp_path / "few.jsonl", max_commits=3)["scanned"] == 3
+    # Filters that keep nothing give a clear error and no empty file.
+    with pytest.raises(KTMError, match="no commit"):
+        mine_commits(repo.path, tmp_path / "none.jsonl", max_chars=3)
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_mined_rows_load_as_the_jsonl_source(mined_repo, tmp_path):
+    repo, shas = mined_repo
+    out = tmp_path / "mined.jsonl"
+    mine_commits(repo.path, out)
+    splits = CommitPackBenchmark(source="jsonl", train_file=str(out)).build("all")
+    assert splits.info["counts"] == {"train": 1, "val": 1, "test": 1}  # three files, one each
+    examples = {e.meta["commit"]: e for e in splits.train + splits.val + splits.test}
+    assert set(examples) == set(shas.values())
+    e = examples[shas["c"]]
+    assert e.group == "owner/proj/c.py" and e.target == '"""C."""\nc = 2\n'
+    assert e.prompt == format_prompt("c = 2\n", "Add a docstring to module c")
+
+
+def test_miner_errors(tmp_path, monkeypatch):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(KTMError, match="not a git repository"):
+        mine_commits(plain, tmp_path / "o.jsonl")
+    with pytest.raises(KTMError, match="unknown language"):
+        mine_commits(plain, tmp_path / "o.jsonl", language="cobol")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(KTMError, match="git is not installed"):
+        mine_commits(plain, tmp_path / "o.jsonl")
+
+
+def test_miner_cli_prints_one_line(mined_repo, tmp_path, capsys):
+    repo, _ = mined_repo
+    out = tmp_path / "cli.jsonl"
+    assert main(["--repo", str(repo.path), "--out", str(out), "--max-commits", "0", "--repo-name", "me/p"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("mined 3 of 10 commits of me/p -> ")
+    assert {r["repo"] for r in _rows(out)} == {"me/p"}
+    # Without --out the file goes under the (temporary) data folder.
+    main(["--repo", str(repo.path)])
+    assert (common.DATA_DIR / "commits" / "proj-python.jsonl").exists()
