@@ -231,6 +231,7 @@ def test_hu_liu_product_blocks():
 def test_offline_cache_key_ignores_hub_options(env):
     assert Amazon(source="offline", category="Books").cache_path("all") == Amazon(source="offline").cache_path("all")
     assert Amazon(source="hub", category="Books").cache_path("all") != Amazon(source="hub").cache_path("all")
+    assert Amazon(source="hub", hf_cache_dir="/elsewhere").cache_path("all") == Amazon(source="hub").cache_path("all")
 
 
 def test_bad_options():

@@ -276,15 +276,16 @@ class Amazon(SentimentBenchmark):
 
     # -- caching: keyed by the source actually used ---------------------------------------------------
     def cache_key(self, stage: str) -> dict[str, Any]:
-        """Only the options of the source in use (plus source itself) determine the data."""
+        """Only the options of the source in use (plus source itself) determine the data; where the
+        datasets library keeps its own cache does not."""
         key = super().cache_key(stage)
         src = self.options["source"]
         unused = self.OFFLINE_OPTIONS if src == "hub" else self.HUB_OPTIONS if src == "offline" else ()
-        key["options"] = {k: v for k, v in self.options.items() if k not in unused}
+        key["options"] = {k: v for k, v in self.options.items() if k not in unused and k != "hf_cache_dir"}
         return key
 
     def _as(self, source: str) -> "Amazon":
-        return Amazon(seed=self.seed, **{**self.options, "source": source})
+        return type(self)(seed=self.seed, **{**self.options, "source": source})
 
     def load(self, stage: str, use_cache: bool = True) -> Splits:
         """source="auto" delegates to the hub variant (whose cache needs no network) and, if the hub is

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny config-built models (fast unit tests) and isolated data/cache folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktm.model import KTMModel, LoraSettings
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data(tmp_path, monkeypatch):
+    """No test writes into the repo's data/ (generated caches)."""
+    import ktm.benchmarks.common as common
+
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
+
+
+@pytest.fixture
+def tiny():
+    """A 2-layer random Llama with the byte tokenizer, K in {1, 2, 4, 8}, LoRA on."""
+    torch.manual_seed(0)
+    model = KTMModel.from_base("config:tiny-llama", ks=[1, 2, 4, 8], lora=LoraSettings(r=4))
+    # Non-zero last layers so the encoders are not just the mean (invariance tests must see the MLP).
+    for enc in model.encoders.values():
+        if enc.mlp is not None:
+            torch.nn.init.normal_(enc.mlp[-1].weight, std=0.02)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""The method: merge encoder, block layout, padding/masking invariance, generation, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktm.encoder import MergeEncoder, hidden_size
+from ktm.errors import KTMError
+from ktm.model import KTMModel, LoraSettings, block_layout, merged_length
+
+PROMPTS = ["Tree: ab\n+cd, Task: Parent/Child Relationship, Parent: ab, Child: cd, Answer: ",
+           "hi", "abc", "abcd", "abcde", "a much longer prompt than the others, with several words in it"]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_encoder_is_the_mean_at_init(k):
+    torch.manual_seed(0)
+    enc = MergeEncoder(k, 16)
+    blocks = torch.randn(5, k, 16)
+    torch.testing.assert_close(enc(blocks), blocks.mean(1))
+    torch.testing.assert_close(enc(blocks.flatten(-2)), blocks.mean(1))  # (.., K*d) input too
+
+
+def test_encoder_k1_is_identity_and_paper_sizes():
+    enc = MergeEncoder(1, 8)
+    x = torch.randn(3, 1, 8)
+    assert torch.equal(enc(x), x[:, 0]) and not list(enc.parameters())
+    assert hidden_size(2, 10) == 40 and hidden_size(3, 10) == 60 and hidden_size(4, 10) == 60
+    assert hidden_size(8, 10) == 80  # our rule for K >= 5: f = 1.0
+
+
+@pytest.mark.parametrize("n,k,tail,expected", [(10, 4, 0, (2, 2, 0)), (3, 4, 0, (3, 0, 0)), (8, 4, 0, (0, 2, 0)),
+                                               (10, 4, 3, (3, 1, 3)), (2, 4, 5, (0, 0, 2)), (7, 1, 0, (0, 7, 0))])
+def test_block_layout(n, k, tail, expected):
+    head, blocks, t = block_layout(n, k, tail)
+    assert (head, blocks, t) == expected and head + blocks * k + t == n and head < k
+    assert merged_length(n, k, tail) == head + blocks + t
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_batch_equals_single(tiny, k):
+    ids = tiny.tokenize_prompts(PROMPTS)
+    batch = tiny.build_batch(ids, k)
+    together = tiny.forward(batch, logits_to_keep=1).logits[:, -1]
+    for i, p in enumerate(ids):
+        alone = tiny.forward(tiny.build_batch([p], k), logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-4, rtol=1e-4)
+    assert not torch.isnan(together).any()
+
+
+def test_pads_are_masked_and_positions_count_real_tokens(tiny):
+    ids = tiny.tokenize_prompts(["ab", "abcdefghij"])
+    b = tiny.build_batch(ids, 4)
+    # "ab" -> 2 head tokens, 0 blocks; "abcdefghij" -> 2 head + 2 blocks
+    assert b.merged_tokens.tolist() == [2, 4] and b.prompt_tokens.tolist() == [2, 10]
+    assert b.attention_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert b.position_ids[0, 2:].tolist() == [0, 1] and b.position_ids[1].tolist() == [0, 1, 2, 3]
+    assert torch.count_nonzero(b.inputs_embeds[0, :2]) == 0  # pad positions carry nothing
+
+
+def test_blocks_never_contain_padding(tiny):
+    """Every block that reaches the encoder holds only real token embeddings of its own prompt."""
+    seen = []
+    handle = tiny.encoders["4"].register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    ids = tiny.tokenize_prompts(["abcdefg", "xyz", "0123456789ab"])
+    tiny.build_batch(ids, 4)
+    handle.remove()
+    blocks = seen[0]  # (sum of blocks, K, d)
+    pad_vec = tiny.embed.weight[tiny.pad_id]
+    assert blocks.shape[0] == 1 + 0 + 3
+    assert not (blocks == pad_vec).all(-1).any()
+    expected = torch.cat([tiny.embed(torch.tensor(ids[0][3:7]))[None], tiny.embed(torch.tensor(ids[2])).view(3, 4, -1)])
+    torch.testing.assert_close(blocks, expected)
+
+
+def test_keep_tail_leaves_last_tokens_unmerged():
+    torch.manual_seed(0)
+    m = KTMModel.from_base("config:tiny-llama", ks=[4], lora=None, keep_tail=3)
+    ids = m.tokenize_prompts(["abcdefghijk"])  # 11 tokens: head 0, 2 blocks, tail 3
+    b = m.build_batch(ids, 4)
+    assert b.merged_tokens.tolist() == [5]
+    torch.testing.assert_close(b.inputs_embeds[0, -3:], m.embed(torch.tensor(ids[0][-3:])))
+
+
+def test_targets_are_right_aligned_and_loss_only_on_them(tiny):
+    ids = tiny.tokenize_prompts(["abcd", "abcdefgh"])
+    tgt = tiny.tokenize_targets(["true", "no"])
+    b = tiny.build_batch(ids, 2, tgt)
+    assert b.targets.shape == (2, 5)
+    assert b.targets[1, :2].tolist() == [-100, -100] and b.targets[1, 2:].tolist() == tgt[1]
+    nll, counts, _ = tiny.target_nll(b)
+    assert counts.tolist() == [5, 3] and torch.isfinite(nll).all()
+
+
+def test_k1_greedy_equals_base_generate_tiny():
+    torch.manual_seed(0)
+    m = KTMModel.from_base("config:tiny-llama", ks=[1], lora=None).eval()
+    ids = m.tokenize_prompts(["hello world"])[0]
+    ref = m.lm.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=m.pad_id,
+                        eos_token_id=None)[0, len(ids):].tolist()
+    ours = m.generate_ids([ids], k=1, max_new_tokens=10)[0]
+    assert ours == ref[: len(ours)] and len(ours) >= 1
+
+
+def test_generation_uses_kv_cache_and_batches(tiny):
+    calls = []
+    handle = tiny.lm.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw.get("inputs_embeds") is not None), with_kwargs=True)
+    out = tiny.generate_ids(tiny.tokenize_prompts(PROMPTS[:3]), k=4, max_new_tokens=6)
+    handle.remove()
+    assert calls[0] is True and not any(calls[1:])  # one prefill, then single tokens from the cache
+    batched = [r[:6] for r in out]
+    singles = [tiny.generate_ids(tiny.tokenize_prompts([p]), k=4, max_new_tokens=6)[0] for p in PROMPTS[:3]]
+    assert batched == singles
+
+
+def test_save_and_from_pretrained_round_trip(tiny, tmp_path):
+    with torch.no_grad():  # make LoRA non-trivial so a lost adapter would show
+        for n, p in tiny.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    tiny.save(tmp_path / "export")
+    loaded = KTMModel.from_pretrained(tmp_path / "export")
+    ids = tiny.tokenize_prompts(PROMPTS)
+    for k in (1, 4, 8):
+        a = tiny.forward(tiny.build_batch(ids, k), logits_to_keep=1).logits
+        b = loaded.forward(loaded.build_batch(ids, k), logits_to_keep=1).logits
+        torch.testing.assert_close(a, b)
+    assert loaded.ks == [1, 2, 4, 8] and (tmp_path / "export" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_merge_export_for_serving(tiny):
+    out = tiny.merge(["abcdefghij", "ab"], k=4)
+    assert out["merged_tokens"] == [4, 2] and [e.shape[0] for e in out["prompt_embeds"]] == [4, 2]
+    assert out["prompt_embeds"][0].shape[1] == tiny.hidden_size
+
+
+def test_bad_k_and_bad_prompts_are_clear(tiny):
+    with pytest.raises(KTMError, match="K must be a whole number"):
+        KTMModel(tiny.lm, tiny.tokenizer, ks=[0], lora=None)
+    with pytest.raises(KTMError, match="keep_tail"):
+        KTMModel(tiny.lm, tiny.tokenizer, ks=[2], keep_tail=-1, lora=None)
+    with pytest.raises(KTMError, match="no encoder for K=3"):
+        tiny.build_batch([[1, 2, 3]], 3)
+    with pytest.raises(KTMError, match="prompt #1 is empty"):
+        tiny.tokenize_prompts(["ok", ""])
