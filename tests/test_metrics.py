@@ -1,0 +1,36 @@
+"""P-L F1 reproduces the paper's numbers; KMetrics aggregates per K correctly."""
+
+import math
+
+import pytest
+import torch
+
+from ktm.metrics import KMetrics, add_perplexity_f1, compression_rate, pl_f1, ppl_performance
+
+
+def test_pl_f1_paper_values():
+    assert pl_f1(0.9838, 0.75) == pytest.approx(0.851, abs=5e-4)  # tree, K=4
+    assert pl_f1(ppl_performance(1.293, 1.391), 0.75) == pytest.approx(0.830, abs=5e-4)  # code, K=4
+    assert pl_f1(0.0, 0.0) == 0.0
+    assert compression_rate(400, 100) == 0.75
+
+
+def test_kmetrics_classification():
+    m = KMetrics(num_classes=2)
+    preds, labels = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 0])
+    m.update(torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([2, 2, 2, 2]), torch.tensor([8, 8, 8, 8]),
+             torch.tensor([2, 2, 2, 2]), preds, labels)
+    out = m.compute()
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["majority_baseline"] == pytest.approx(0.5)
+    assert out["compression"] == pytest.approx(0.75)
+    assert out["perplexity"] == pytest.approx(math.exp(0.5))
+    assert out["pl_f1"] == pytest.approx(pl_f1(0.75, 0.75))
+
+
+def test_perplexity_f1_uses_k1_as_reference():
+    per_k = {1: {"perplexity": 1.293, "compression": 0.0}, 4: {"perplexity": 1.391, "compression": 0.75}}
+    add_perplexity_f1(per_k)
+    assert per_k[4]["pl_f1"] == pytest.approx(0.830, abs=5e-4)
+    assert per_k[1]["performance"] == 1.0
