@@ -14,7 +14,8 @@ from ktm.cli import main
 from ktm.training.data import KTMDataModule
 
 TINY = ["--model.base=config:tiny-llama", "--data.benchmark_args={n_trees: 120}", "--data.max_train_examples=32",
-        "--data.max_val_examples=16", "--data.max_test_examples=16", "--data.batch_size=8", "--trainer.enable_progress_bar=false"]
+        "--data.max_val_examples=16", "--data.max_test_examples=16", "--data.batch_size=8", "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1"]
 
 
 def test_curriculum_advances_on_threshold_and_max_rounds():
@@ -48,9 +49,8 @@ def test_k_schedule_by_epoch():
 
 def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
     root = str(tmp_path / "runs")
-    args = ["--exp", "tree_k4", "--root", root, "--run", "r1", "--trainer.max_epochs=2", "--model.ks=[1,2]",
-            "--data.k_schedule=[1,2]", *TINY]
-    assert main(["fit", *args]) == 0
+    common = ["--exp", "tree_k4", "--root", root, "--run", "r1", "--trainer.max_epochs=2", *TINY]
+    assert main(["fit", *common, "--model.ks=[1,2]", "--data.k_schedule=[1,2]"]) == 0
     run = tmp_path / "runs" / "tree_k4" / "r1"
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "export" / "ktm.json").exists() and (run / "export" / "encoder.safetensors").exists()
@@ -80,10 +80,26 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
     # resuming with another K set is refused with a clear line
-    code = main(["fit", *args[:-len(TINY)], *TINY, "--model.ks=[1,4]", "--data.k_schedule=[1,4]",
+    code = main(["fit", *common, "--model.ks=[1,4]", "--data.k_schedule=[1,4]",
                  "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     assert code == 2
-    assert "checkpoint was trained with ks=[1, 2]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("ktm: error:") and "model.ks is [1, 2]" in err and len(err.strip().splitlines()) == 1
+
+    # the checkpoint's own metadata check: another base or another K is refused by name
+    import torch
+
+    from ktm.errors import KTMError
+    from ktm.training.module import KTMModule
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) and all("lora_" in n or n.startswith("model.encoders") for n in ckpt["state_dict"])
+    other = KTMModule(base="config:tiny-llama", ks=[1, 4])
+    with pytest.raises(KTMError, match=r"checkpoint was trained with ks=\[1, 2\]"):
+        other.on_load_checkpoint(ckpt)
+    ckpt["ktm"]["base_fingerprint"] = "0" * 64
+    with pytest.raises(KTMError, match="base_fingerprint"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2]).on_load_checkpoint(ckpt)
 
 
 def test_unknown_experiment_lists_the_available_ones(capsys):

@@ -19,7 +19,9 @@ log = logging.getLogger("ktm")
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    # Not trainer.log_dir: it broadcasts across ranks, which hangs when called from rank zero only.
+    logger_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+    return Path(logger_dir or trainer.default_root_dir)
 
 
 class Throughput(L.Callback):
@@ -41,8 +43,10 @@ class Throughput(L.Callback):
             return
         for i, v in enumerate(tokens):
             self._acc[i] += v
-        if (batch_idx + 1) % self.every:
-            return
+        if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == trainer.num_training_batches:
+            self._flush(pl_module)
+
+    def _flush(self, pl_module) -> None:
         dt = time.perf_counter() - self._t
         k = pl_module.current_k()
         stats = {"samples_per_s": self._acc[2] / dt, "prompt_tokens_per_s": self._acc[0] / dt, "merged_tokens_per_s": self._acc[1] / dt}
