@@ -38,6 +38,14 @@ def test_curriculum_advances_on_threshold_and_max_rounds():
     assert fresh.stage == "medium" and fresh.finished
 
 
+def test_curriculum_does_not_finish_before_the_last_k():
+    dm = KTMDataModule(benchmark="tree", k_schedule=[1, 4], final_threshold=0.9)
+    dm.after_validation({"balanced_accuracy": 1.0}, 1)  # K=1 epoch: perfect, but K=4 has not run
+    assert not dm.finished and dm.current_k(4) == 4
+    dm.after_validation({"balanced_accuracy": 0.95}, 4)
+    assert dm.finished
+
+
 def test_k_schedule_by_epoch():
     dm = KTMDataModule(benchmark="tree", k_schedule=[1, 2, 4], epochs_per_k=2)
     ks = []

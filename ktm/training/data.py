@@ -125,16 +125,25 @@ class KTMDataModule(L.LightningDataModule):
             i = self.epochs_done // self.hparams.epochs_per_k
         return self.k_schedule[min(i, len(self.k_schedule) - 1)]
 
+    def k_schedule_done(self) -> bool:
+        """True once the K curriculum sits at its last entry (training may only finish then)."""
+        if not self.k_schedule:
+            return True
+        if self.hparams.k_advance == "stage":
+            return self.stage_index >= len(self.k_schedule) - 1
+        return self.epochs_done // self.hparams.epochs_per_k >= len(self.k_schedule) - 1
+
     def after_validation(self, metrics: dict[str, float], k: int) -> list[str]:
         """Update the curriculum after a training epoch's validation; return what happened (for logs)."""
         events = []
+        final_k = self.k_schedule_done()  # judged for the epoch that was just validated
         self.epochs_done += 1
         self.rounds_in_stage += 1
         value = metrics.get(self.hparams.advance_metric)
         last = self.stage_index == len(self.stages) - 1
         threshold = self.hparams.final_threshold if last else self.hparams.advance_threshold
         reached = value is not None and value >= threshold
-        if last and reached:
+        if last and reached and final_k:
             self.finished = True
             events.append(f"stage {self.stage}: {self.hparams.advance_metric} {value:.3f} >= {threshold} at K={k}; curriculum done")
         elif not last and (reached or self.rounds_in_stage >= self.hparams.max_rounds):
