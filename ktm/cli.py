@@ -5,6 +5,7 @@
     ktm generate --ckpt checkpoints/<exp>/<run>/export "prompt" [...]
     ktm data build --benchmark tree --stage small | ktm data commits --repo PATH --out FILE
     ktm bench [...]                                                          speed benchmark
+    ktm report checkpoints/<exp>/<run> [...]                                 markdown table of a run's metrics
     ktm experiments                                                          list the configs
 
 `--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml; outputs of a run go to
@@ -166,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd_data(rest)
         elif cmd == "bench":
             cmd_bench(rest)
+        elif cmd == "report":
+            from ktm.report import main as report_main
+
+            report_main(rest)
         elif cmd == "experiments":
             print("\n".join(available_experiments()))
         else:
-            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, data, bench, experiments")
+            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, data, bench, report, experiments")
     except KTMError as exc:
         print(f"ktm: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from ktm.io import read_json, write_json
+from ktm.report import write_report
 
 log = logging.getLogger("ktm")
 
@@ -89,6 +90,7 @@ class RunOutputs(L.Callback):
         doc.setdefault("wall_seconds", {})[phase] = round(time.time() - self.started, 1)
         doc["global_step"] = trainer.global_step
         write_json(path, doc)
+        write_report(folder)
         if self.export and phase == "fit":
             pl_module.model.save(folder / "export", extra={"run": str(folder)})
             log.info("exported the model to %s (ktm generate --ckpt %s \"...\")", folder / "export", folder / "export")

