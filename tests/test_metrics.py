@@ -34,3 +34,15 @@ def test_perplexity_f1_uses_k1_as_reference():
     add_perplexity_f1(per_k)
     assert per_k[4]["pl_f1"] == pytest.approx(0.830, abs=5e-4)
     assert per_k[1]["performance"] == 1.0
+
+
+def test_line_similarity_and_generation_scores(tiny):
+    from ktm.benchmarks.common import Example
+    from ktm.training.module import generation_scores, line_similarity
+
+    assert line_similarity("a\nb\nc", "a\nb\nc") == 1.0
+    assert line_similarity("a\nb", "x\ny") == 0.0
+    assert line_similarity("a\nb\nc\nd", "a\nb\nc\nX") == 0.75
+    examples = [Example(prompt="Old Content:\nx = 1\nNew Content:\n", target="x = 2\n"), Example(prompt="abc", target="d")]
+    scores = generation_scores(tiny, examples, k=2, max_new_tokens=4)
+    assert scores["generated"] == 2.0 and 0.0 <= scores["line_similarity"] <= 1.0 and scores["exact_match"] in (0.0, 0.5, 1.0)

@@ -40,6 +40,8 @@ class KTMModule(L.LightningModule):
         max_prompt_tokens: int | None = None,
         long_prompt_policy: str = "error",
         eval_ks: list[int] | None = None,
+        generate_eval_examples: int = 0,
+        generate_max_new_tokens: int = 512,
     ):
         """
         Args:
@@ -57,6 +59,9 @@ class KTMModule(L.LightningModule):
             max_prompt_tokens: longest prompt accepted (None = the base's context length).
             long_prompt_policy: "error" or "truncate_left" for prompts over max_prompt_tokens (counted).
             eval_ks: K values evaluated at validation/test (None = all of ks).
+            generate_eval_examples: at test, also generate the answer for this many test examples per K
+                (greedy, KV cache) and report exact match + line-level edit similarity (0 = off).
+            generate_max_new_tokens: cap on generated tokens per example for that check.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -158,7 +163,15 @@ class KTMModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        per_k = self._eval_epoch_end("test")
+        n = self.hparams.generate_eval_examples
+        if n > 0:
+            examples = self.trainer.datamodule.eval_examples("test")[:n]
+            for k in self.eval_ks:
+                scores = generation_scores(self.model, examples, k, self.hparams.generate_max_new_tokens)
+                per_k[k].update(scores)
+                for name, value in scores.items():
+                    self.log(f"test/k{k}/{name}", value, rank_zero_only=True)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -191,5 +204,25 @@ class KTMModule(L.LightningModule):
                     "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
 
 
-def lora_dict(settings: LoraSettings) -> dict:
-    return asdict(settings)
+def line_similarity(a: str, b: str) -> float:
+    """Line-level edit similarity in [0, 1]: difflib's ratio over the two files' lines."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, a.splitlines(), b.splitlines(), autojunk=False).ratio()
+
+
+@torch.no_grad()
+def generation_scores(model: KTMModel, examples, k: int, max_new_tokens: int, batch_size: int = 4) -> dict[str, float]:
+    """Greedy generation from the merged prompt: exact match and mean line similarity to the target."""
+    was_training = model.training
+    model.eval()
+    exact, similarity = 0, 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        outputs = model.generate([e.prompt for e in chunk], k=k, max_new_tokens=max_new_tokens)
+        for e, out in zip(chunk, outputs):
+            exact += int(out.strip() == e.target.strip())
+            similarity += line_similarity(out, e.target)
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {"generated": float(len(examples)), "exact_match": exact / n, "line_similarity": similarity / n}
