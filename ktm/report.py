@@ -11,6 +11,12 @@ from pathlib import Path
 from ktm.io import read_json, write_text
 
 
+CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("balanced acc.", "balanced_accuracy"),
+                          ("majority baseline", "majority_baseline"), ("compression L", "compression"), ("P-L F1", "pl_f1")]
+PERPLEXITY_COLUMNS = [("perplexity", "perplexity"), ("uncompressed (K=1)", "perplexity_uncompressed"),
+                      ("P = ppl1/ppl", "performance"), ("compression L", "compression"), ("P-L F1", "pl_f1")]
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -22,24 +28,17 @@ def render(metrics: dict, title: str = "") -> str:
              f"source `{data.get('source')}`, global step {metrics.get('global_step')}, "
              f"wall time (s) {metrics.get('wall_seconds')}", ""]
     classification = data.get("task") == "classification"
+    columns = CLASSIFICATION_COLUMNS if classification else PERPLEXITY_COLUMNS
     for split in ("test", "val"):
         rows = metrics.get(split)
         if not rows:
             continue
-        if classification:
-            header = "| split | K | examples | accuracy | balanced acc. | majority baseline | compression L | P-L F1 |"
-            lines += [header, "|---|---|---|---|---|---|---|---|"]
-            for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
-                lines.append(f"| {split} | {k[1:]} | {int(m['examples'])} | {_fmt(m.get('accuracy'))} | "
-                             f"{_fmt(m.get('balanced_accuracy'))} | {_fmt(m.get('majority_baseline'))} | "
-                             f"{_fmt(m.get('compression'))} | {_fmt(m.get('pl_f1'))} |")
-        else:
-            header = "| split | K | examples | perplexity | uncompressed (K=1) | P = ppl1/ppl | compression L | P-L F1 |"
-            lines += [header, "|---|---|---|---|---|---|---|---|"]
-            for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
-                lines.append(f"| {split} | {k[1:]} | {int(m['examples'])} | {_fmt(m.get('perplexity'))} | "
-                             f"{_fmt(m.get('perplexity_uncompressed'))} | {_fmt(m.get('performance'))} | "
-                             f"{_fmt(m.get('compression'))} | {_fmt(m.get('pl_f1'))} |")
+        lines += ["| split | K | examples | " + " | ".join(title for title, _ in columns) + " |",
+                  "|---|---|---|" + "---|" * len(columns)]
+        for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
+            cells = " | ".join(_fmt(m.get(key)) for _, key in columns)
+            lines.append(f"| {split} | {k[1:]} | {int(m['examples'])} | {cells} |")
+        if not classification:
             gen = {k: m for k, m in rows.items() if "exact_match" in m}
             if gen:
                 lines += ["", "| split | K | generated | exact match | line edit similarity |", "|---|---|---|---|---|"]

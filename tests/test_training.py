@@ -69,6 +69,8 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
             for name in ("accuracy", "balanced_accuracy", "majority_baseline", "pl_f1", "perplexity", "compression"):
                 assert name in metrics[split][k], (split, k, name)
     assert metrics["curriculum"]["k"] == 2 and metrics["data"]["source"] == "generated"
+    report = (run / "results.md").read_text()
+    assert "| test | 2 |" in report and "balanced acc." in report and "majority baseline" in report
     assert metrics["test"]["k1"]["compression"] == 0.0 and metrics["test"]["k2"]["compression"] > 0.4
     events = list(run.glob("events.out.tfevents.*"))
     assert events
