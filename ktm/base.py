@@ -173,10 +173,41 @@ def base_fingerprint(resolved: str) -> str:
     return f"hub:{resolved}"
 
 
+def hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ernie", "camembert", "data2vec-text",
+                "megatron-bert", "rembert", "roc_bert", "xmod", "big_bird", "bert-generation", "modernbert"}
+
+
+def check_causal_lm(name: str, config) -> None:
+    """Refuse encoders (BERT...), encoder-decoders (T5...) and other non-causal models by their config."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kind = getattr(config, "model_type", type(config).__name__)
+    causal = not getattr(config, "is_encoder_decoder", False) and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    # BERT-like encoders have a causal head class too (BertLMHeadModel), but their weights are trained
+    # bidirectionally: what the checkpoint itself says it is (config.architectures) decides.
+    archs = getattr(config, "architectures", None) or []
+    if causal and archs:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    elif causal and kind in ENCODER_ONLY and not getattr(config, "is_decoder", False):
+        causal = False
+    if not causal:
+        raise KTMError(f"base model {name!r} is a {kind!r} model, not a causal (decoder-only) LM",
+                       "use a causal LM (AutoModelForCausalLM), e.g. Qwen/Qwen2.5-0.5B or smollm2-135m")
+
+
 def load_base(name: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
     """Load (model, tokenizer, resolved path) with one-line errors for the usual mistakes."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -186,17 +217,29 @@ def load_base(name: str, dtype: str = "float32", attn_implementation: str | None
         return model, tokenizer, name
     resolved = resolve_base(name)
     try:
+        # The config alone (a few kB) says whether this is a causal LM: checked before any weights load.
+        config = AutoConfig.from_pretrained(resolved)
+        check_causal_lm(name, config)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, attn_implementation=attn_implementation)
     except ValueError as exc:
+        first = str(exc).strip().splitlines()[0][:120]
         if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
-            raise KTMError(f"base model {name!r} is not a causal LM ({str(exc).splitlines()[0][:120]})",
+            raise KTMError(f"base model {name!r} is not a causal LM ({first})",
                            "use a decoder-only model (AutoModelForCausalLM), e.g. Qwen/Qwen2.5-0.5B") from None
+        if "Unrecognized model" in str(exc) or "model_type" in str(exc):
+            raise KTMError(f"base model {name!r} has a config.json transformers does not recognise ({first})",
+                           "check the folder holds an HF model, or upgrade transformers") from None
         raise
     except OSError as exc:
-        first = str(exc).splitlines()[0][:160]
+        first = str(exc).strip().splitlines()[0][:160]
         if Path(resolved).exists():
             raise KTMError(f"could not load base model from {resolved} ({first})", "check the folder holds an HF causal LM") from None
+        if hub_offline():
+            raise KTMError(
+                f"base model {name!r} is not in the local Hugging Face cache and the hub is switched off (HF_HUB_OFFLINE=1)",
+                "unset HF_HUB_OFFLINE on a machine with network, or download the model and set model.base to its folder",
+            ) from None
         raise KTMError(
             f"base model {name!r} could not be fetched from the hub ({first})",
             "check the name and your network/HF_HUB_OFFLINE, or download it and set model.base to the local folder",

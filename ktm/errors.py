@@ -12,3 +12,7 @@ class KTMError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} -> {fix}" if fix else problem)
+
+
+class DiskFullError(KTMError):
+    """The disk filled up while writing; the previous version of the file or folder is intact."""

@@ -11,12 +11,13 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ktm.errors import KTMError
+from ktm.errors import DiskFullError, KTMError
 
 SIDECAR = ".sha256"
 
@@ -29,11 +30,41 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _disk_full_error(path: Path, exc: OSError) -> KTMError:
-    return KTMError(
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (safetensors, torch) re-raised it as its own error type."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def _disk_full_error(path: Path, exc: BaseException | None = None) -> KTMError:
+    return DiskFullError(
         f"disk full while writing {path} (nothing was replaced; the previous version, if any, is intact)",
-        "free some space (or point KTM_CACHE / --trainer.default_root_dir elsewhere) and run the command again",
+        "free some space (or write the runs elsewhere with --root) and run the command again",
     )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """The one place ktm writes bytes to disk (tests simulate a full disk here)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: without this a power cut can forget it even after the file's fsync."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform/filesystem; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -47,28 +78,74 @@ def atomic_path(path: str | os.PathLike, checksum: bool = True) -> Iterator[Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_side: Path | None = None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        digest = sha256_file(tmp_path) if checksum else None
         os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; artefacts are meant to be shared
+        if checksum:
+            # The new sidecar is written in full *before* anything is renamed: a full disk can then only
+            # fail while the previous file and its checksum are both still untouched.
+            tmp_side = tmp_path.with_name(tmp_path.name + SIDECAR)
+            _write_file(tmp_side, f"{sha256_file(tmp_path)}  {path.name}\n".encode())
         os.replace(tmp_path, path)
-        if digest is not None:
-            write_text(Path(str(path) + SIDECAR), f"{digest}  {path.name}\n", checksum=False)
-    except OSError as exc:
+        if tmp_side is not None:
+            os.replace(tmp_side, Path(str(path) + SIDECAR))
+        _fsync_dir(path.parent)
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        if tmp_side is not None:
+            tmp_side.unlink(missing_ok=True)
+        if is_disk_full(exc):
             raise _disk_full_error(path, exc) from None
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+
+
+OLD_DIR_MARK = ".old-"
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; on success swap it in for `path` as a whole.
+
+    A folder of several files (an exported model) can then never mix files of two saves: a failure or
+    full disk while writing leaves the previous folder untouched. POSIX has no atomic swap of two
+    folders, so the previous one is first renamed to `.<name>.old-*`; if the process dies between
+    the two renames, `path` is missing and `interrupted_save()` finds the complete previous copy.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}{OLD_DIR_MARK}", dir=path.parent))
+            os.rmdir(old)  # only the unique name is wanted
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DiskFullError) or (is_disk_full(exc) and not isinstance(exc, KTMError)):
+            raise _disk_full_error(path, exc) from None  # name the folder the user asked for, not the temp one
         raise
+
+
+def interrupted_save(path: str | os.PathLike) -> Path | None:
+    """The previous copy of folder `path` left by an `atomic_dir` swap that was cut short, if any."""
+    path = Path(path)
+    olds = sorted(path.parent.glob(f".{path.name}{OLD_DIR_MARK}*"), key=lambda p: p.stat().st_mtime)
+    return olds[-1] if olds else None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, checksum: bool = True) -> Path:
     with atomic_path(path, checksum) as tmp:
-        tmp.write_bytes(data)
+        _write_file(tmp, data)
     return Path(path)
 
 
@@ -160,3 +237,45 @@ def read_jsonl(path: str | os.PathLike, required_fields: tuple[str, ...] = (), w
     if not rows:
         raise KTMError(f"{what} {path} is empty", "fill it with JSON Lines rows or point the config at another file")
     return rows
+
+
+# -- training checkpoints (torch pickles) ------------------------------------------------------------
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through the atomic writer: serialised in memory first, so the bytes reach the disk
+    through one write call (a full disk is reported as such, the previous file is kept)."""
+    import io as _io
+
+    import torch
+
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
+    """torch.load with one-line errors: missing, checksum mismatch (when a sidecar exists: files from
+    other tools may lack one), truncated or not a torch file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        folder = path.parent
+        present = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        hint = f"checkpoints in {folder}: {', '.join(present)}" if present else "check the path"
+        raise KTMError(f"{what} {path} does not exist", f"{hint} (or drop --ckpt_path to start a new run)")
+    verify(path, what, required=False)
+    kwargs = {} if weights_only is None else {"weights_only": weights_only}
+    try:
+        return torch.load(path, map_location=map_location, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:140]
+        if "Weights only load failed" in str(exc):
+            raise KTMError(f"{what} {path} holds Python objects that are not loaded safely ({first})",
+                           "resume only from checkpoints written by ktm (checkpoints/<exp>/<run>/checkpoints/*.ckpt)") from None
+        raise KTMError(f"{what} {path} is truncated or corrupt ({first})",
+                       "resume from another checkpoint of the run (e.g. last.ckpt) or start a new run") from None

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ktm.encoder import MergeEncoder
+from ktm.encoder import MergeEncoder, hidden_size
 from ktm.errors import KTMError
 
 log = logging.getLogger("ktm")
@@ -64,6 +63,69 @@ def check_k(k) -> int:
     return k
 
 
+def _number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
+                   lora: "LoraSettings | None" = None) -> list[int]:
+    """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
+
+    Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
+    """
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or len(ks) == 0:
+        raise KTMError(f"model.ks must be a non-empty list of K values, got {ks!r}", "set model.ks to e.g. [1, 2, 4]")
+    ks = sorted({check_k(k) for k in ks})
+    if isinstance(keep_tail, bool) or not isinstance(keep_tail, int) or keep_tail < 0:
+        raise KTMError(f"keep_tail must be a whole number >= 0, got {keep_tail!r}", "set model.keep_tail to 0 (paper) or e.g. 16")
+    if encoder_multiplier is not None:
+        f = encoder_multiplier
+        if not _number(f) or f <= 0:
+            raise KTMError(f"model.encoder_multiplier must be a number > 0, got {f!r}", "set it to e.g. 1.5, or null for the paper's rule")
+        # h = int(f*K)*d: a product below 1 leaves the encoder no hidden units, i.e. no size rule for that K.
+        bad = [k for k in ks if k > 1 and int(f * k) < 1]
+        if bad:
+            raise KTMError(f"model.encoder_multiplier={f} gives the K={bad[0]} merge encoder no hidden units (int({f}*{bad[0]}) = 0)",
+                           f"use encoder_multiplier >= {1 / bad[0]:g}, or null for the paper's rule")
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
+                                          or max_prompt_tokens < 1):
+        raise KTMError(f"model.max_prompt_tokens must be a whole number >= 1 or null, got {max_prompt_tokens!r}",
+                       "set it to e.g. 2048, or null for the base's context length")
+    if long_prompt_policy not in ("error", "truncate_left"):
+        raise KTMError(f"unknown long_prompt_policy {long_prompt_policy!r}", "use 'error' or 'truncate_left'")
+    if lora is not None:
+        if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 0:
+            raise KTMError(f"model.lora.r must be a whole number >= 0, got {lora.r!r}", "set it to e.g. 4 (0 disables LoRA)")
+        if lora.r > 0:
+            if not _number(lora.alpha) or lora.alpha <= 0:
+                raise KTMError(f"model.lora.alpha must be a number > 0, got {lora.alpha!r}", "set it to e.g. 16")
+            if not _number(lora.dropout) or not 0 <= lora.dropout < 1:
+                raise KTMError(f"model.lora.dropout must be in [0, 1), got {lora.dropout!r}", "set it to e.g. 0.05")
+            if isinstance(lora.target_modules, str) or not lora.target_modules:
+                raise KTMError(f"model.lora.target_modules must be a non-empty list, got {lora.target_modules!r}",
+                               "list layer names, e.g. [q_proj, v_proj]")
+    return ks
+
+
+_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora")
+MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
+MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def encoder_parameters(k: int, d: int, multiplier: float | None) -> int:
+    if k == 1:
+        return 0
+    h = hidden_size(k, d, multiplier)
+    return (k * d * h + h) + (h * k * d + k * d) + (k * d * d + d)
+
+
 def block_layout(n: int, k: int, keep_tail: int) -> tuple[int, int, int]:
     """(head, blocks, tail) for a prompt of n tokens: head + blocks*k + tail == n, head < k."""
     tail = min(keep_tail, n)
@@ -91,11 +153,7 @@ class KTMModel(nn.Module):
         long_prompt_policy: str = "error",
     ):
         super().__init__()
-        ks = sorted({check_k(k) for k in ks})
-        if isinstance(keep_tail, bool) or not isinstance(keep_tail, int) or keep_tail < 0:
-            raise KTMError(f"keep_tail must be a whole number >= 0, got {keep_tail!r}", "set model.keep_tail to 0 (paper) or e.g. 16")
-        if long_prompt_policy not in ("error", "truncate_left"):
-            raise KTMError(f"unknown long_prompt_policy {long_prompt_policy!r}", "use 'error' or 'truncate_left'")
+        ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora)
         self.tokenizer = tokenizer
         self.ks, self.keep_tail = ks, keep_tail
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
@@ -109,6 +167,13 @@ class KTMModel(nn.Module):
             p.requires_grad_(False)
         self.embed = base.get_input_embeddings()  # the base's own frozen table
         d = self.embed.weight.shape[1]
+        base_params = sum(p.numel() for p in base.parameters())
+        for k in ks:
+            n = encoder_parameters(k, d, encoder_multiplier)
+            if n > max(MAX_ENCODER_PARAMS, MAX_ENCODER_TO_BASE * base_params):
+                raise KTMError(f"model.ks has K={k}: its merge encoder would have {_count(n)} parameters, more than "
+                               f"{MAX_ENCODER_TO_BASE}x the base's {_count(base_params)}",
+                               "use a smaller K (the paper uses K <= 4) or a smaller model.encoder_multiplier")
         if self.lora_settings is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -131,6 +196,7 @@ class KTMModel(nn.Module):
     def from_base(cls, base: str = "smollm2-135m", dtype: str = "float32", **kwargs) -> "KTMModel":
         from ktm.base import base_fingerprint, load_base
 
+        check_settings(**{"ks": (4,), **{k: v for k, v in kwargs.items() if k in _SETTINGS}})  # fail before loading weights
         model, tokenizer, resolved = load_base(base, dtype)
         return cls(model, tokenizer, base_name=base, base_fingerprint=base_fingerprint(resolved), **kwargs)
 
@@ -191,7 +257,8 @@ class KTMModel(nn.Module):
         layouts = [block_layout(n, k, self.keep_tail) for n in lengths]
         # All blocks of the batch go through the encoder in one call: (sum m_i, K, d) -> (sum m_i, d).
         bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
-        merged = encoder(torch.cat(bodies)).to(emb.dtype).split([m for _, m, _ in layouts])
+        blocks = bodies[0] if len(bodies) == 1 else torch.cat(bodies)  # one prompt: a view, no copy
+        merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
         target_emb = None
         if target_ids is not None:
             t_max = max(len(t) for t in target_ids)
@@ -199,19 +266,24 @@ class KTMModel(nn.Module):
             for i, t in enumerate(target_ids):
                 tpad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
             target_emb = self.embed(tpad.to(device))
-        seqs = []
-        for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts)):
-            parts = [emb[i, :h], merged[i], emb[i, n - t : n]]
-            if target_emb is not None:
-                parts.append(target_emb[i, : len(target_ids[i])])
-            seqs.append(torch.cat(parts))
-        seq_len = max(s.shape[0] for s in seqs)
-        B, d = len(seqs), emb.shape[-1]
-        inputs = emb.new_zeros(B, seq_len, d)
-        mask = torch.zeros(B, seq_len, dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):
-            inputs[i, seq_len - s.shape[0] :] = s
-            mask[i, seq_len - s.shape[0] :] = 1
+        B, d = len(prompt_ids), emb.shape[-1]
+        t_lens = [len(t) for t in target_ids] if target_ids is not None else [0] * B
+        seq_lens = [h + m + t + tl for (h, m, t), tl in zip(layouts, t_lens)]
+        seq_len = max(seq_lens)
+        # Each piece is written straight into its example's left-padded slot: no per-example concatenation
+        # and no zero-fill of positions that are overwritten anyway (each is a full copy of the prompt).
+        inputs = emb.new_empty(B, seq_len, d)
+        for i, (n, (h, m, t), tl) in enumerate(zip(lengths, layouts, t_lens)):
+            pos = seq_len - seq_lens[i]
+            if pos:
+                inputs[i, :pos] = 0
+            pieces = (emb[i, :h], merged[i], emb[i, n - t : n]) + ((target_emb[i, :tl],) if target_emb is not None else ())
+            for piece in pieces:
+                if piece.shape[0] or piece.requires_grad:  # an empty merged piece still links the encoder to the loss
+                    inputs[i, pos : pos + piece.shape[0]] = piece
+                    pos += piece.shape[0]
+        starts = torch.tensor([seq_len - s for s in seq_lens], device=device)
+        mask = (torch.arange(seq_len, device=device) >= starts[:, None]).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         targets = None
         if target_ids is not None:
@@ -330,36 +402,24 @@ class KTMModel(nn.Module):
         }
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write encoder (safetensors), adapter (peft HF format) and ktm.json, each file atomically with
-        its sha256 recorded; the adapter folder is swapped in whole."""
-        from safetensors.torch import save_file
+        """Write encoder (safetensors), adapter (peft HF format) and ktm.json into a fresh folder, each
+        file with its sha256 recorded, then swap that folder in whole (ktm.io.atomic_dir): a crash,
+        Ctrl-C or full disk never leaves a half-written file or a mix of two saves."""
+        from safetensors.torch import save as safetensors_bytes
 
-        from ktm.io import sha256_file, write_json, write_text, write_with
+        from ktm.io import SIDECAR, atomic_dir, sha256_file, write_bytes, write_json, write_text
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.encoders.state_dict().items()}
-        if state:
-            write_with(directory / "encoder.safetensors", lambda p: save_file(state, str(p)))
-        if self.lora_settings is not None:
-            tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory))
-            try:
-                self.lm.save_pretrained(tmp, save_embedding_layers=False)  # the base (tied head incl.) is frozen
-                for f in list(tmp.iterdir()):
-                    write_text(Path(str(f) + ".sha256"), f"{sha256_file(f)}  {f.name}\n", checksum=False)
-                final = directory / "adapter"
-                if final.exists():
-                    old = directory / ".adapter-old"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        write_json(directory / "ktm.json", {**self.metadata(), **(extra or {})})
-        return directory
+        with atomic_dir(directory) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.encoders.state_dict().items()}
+            if state:
+                write_bytes(tmp / "encoder.safetensors", safetensors_bytes(state))
+            if self.lora_settings is not None:
+                adapter = tmp / "adapter"
+                self.lm.save_pretrained(adapter, save_embedding_layers=False)  # the base (tied head incl.) is frozen
+                for f in sorted(adapter.iterdir()):
+                    write_text(Path(str(f) + SIDECAR), f"{sha256_file(f)}  {f.name}\n", checksum=False)
+            write_json(tmp / "ktm.json", {**self.metadata(), **(extra or {})})
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None, dtype: str = "float32") -> "KTMModel":
@@ -368,15 +428,29 @@ class KTMModel(nn.Module):
         from safetensors.torch import load_file
 
         from ktm.base import base_fingerprint, load_base
-        from ktm.io import read_json, verify
+        from ktm.io import interrupted_save, read_json, verify
 
         directory = Path(directory)
         if not directory.is_dir():
+            previous = interrupted_save(directory)
+            if previous is not None:
+                raise KTMError(f"checkpoint folder {directory} is missing: a save was interrupted and left the previous export in {previous}",
+                               f"rename it back (mv {previous} {directory}) or re-export the run")
             raise KTMError(f"checkpoint folder {directory} does not exist", "pass the export folder of a run (checkpoints/<exp>/<run>/export)")
         meta = read_json(directory / "ktm.json", "checkpoint metadata")
         if meta.get("format_version") != FORMAT_VERSION:
             raise KTMError(f"checkpoint {directory} has format {meta.get('format_version')}, this ktm reads {FORMAT_VERSION}",
                            "re-export it with this version of ktm")
+        missing = [k for k in ("ks", "keep_tail", "base") if k not in meta]
+        if missing:
+            raise KTMError(f"checkpoint metadata {directory / 'ktm.json'} lacks {', '.join(missing)}", "re-export the run with ktm")
+        # Every file is checked before the (possibly large) base is loaded.
+        lora = meta.get("lora")
+        if lora is not None:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                verify(directory / "adapter" / name, "LoRA adapter file")
+        if any(k > 1 for k in meta["ks"] if isinstance(k, int)):
+            verify(directory / "encoder.safetensors", "merge encoder weights")
         base_name = base or meta["base"]
         model, tokenizer, resolved = load_base(base_name, dtype)
         fp = base_fingerprint(resolved)
@@ -386,7 +460,6 @@ class KTMModel(nn.Module):
                 f"but {base_name!r} has weights {fp[:12]}...",
                 f"load it with the base it was trained on ({meta['base']})",
             )
-        lora = meta.get("lora")
         self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
                    encoder_multiplier=meta.get("encoder_multiplier"), base_name=meta["base"], base_fingerprint=fp,
                    max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"))
@@ -394,13 +467,11 @@ class KTMModel(nn.Module):
             from peft import PeftModel
 
             adapter = directory / "adapter"
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                verify(adapter / name, "LoRA adapter file")
             self.lm = PeftModel.from_pretrained(model, str(adapter))
             self.lora_settings = LoraSettings(**lora)
             self.adapter_path = str(adapter)
         if any(k > 1 for k in self.ks):
-            path = verify(directory / "encoder.safetensors", "merge encoder weights")
+            path = directory / "encoder.safetensors"
             try:
                 state = load_file(str(path))
             except Exception as exc:  # safetensors raises its own error types for damaged headers

@@ -6,6 +6,8 @@ Every number written here comes from the run itself; files are written atomicall
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from ktm.errors import KTMError
 from ktm.io import read_json, write_json
 from ktm.report import write_report
 
@@ -72,7 +75,14 @@ class RunOutputs(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module, phase: str) -> None:
         folder = run_dir(trainer)
         path = folder / "metrics.json"
-        doc: dict[str, Any] = read_json(path, "metrics file") if path.exists() else {}
+        doc: dict[str, Any] = {}
+        if path.exists():
+            try:
+                doc = read_json(path, "metrics file")
+            except KTMError as exc:  # never fail a finished run over it: keep the damaged file aside
+                aside = path.with_name(f"metrics.unreadable-{int(time.time())}.json")
+                os.replace(path, aside)
+                log.warning("%s; moved it to %s and wrote a new one", exc.problem, aside)
         dm = trainer.datamodule
         split_name = "test" if phase == "test" else "val"
         results = pl_module.results.get(split_name)
@@ -107,13 +117,82 @@ class RunOutputs(L.Callback):
 
 
 class SaveOnInterrupt(L.Callback):
-    """Ctrl-C during fit: save a resumable checkpoint and say how to resume."""
+    """Ctrl-C during fit: save a resumable checkpoint and say how to resume (one line on stderr).
+
+    `saved` keeps the checkpoint path so the CLI can exit with 130 (Lightning itself exits with 1)."""
+
+    def __init__(self):
+        self.saved: Path | None = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
             return
         folder = run_dir(trainer)
         path = folder / "checkpoints" / "interrupted.ckpt"
-        trainer.save_checkpoint(path)
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001  (say so in one line; the earlier checkpoints are intact)
+            print(f"ktm: interrupted; could not save {path} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+                  file=sys.stderr, flush=True)
+            return
+        self.saved = path
         config = folder / "config.yaml"
-        print(f"ktm: interrupted; saved {path}. Resume with: ktm fit --config {config} --ckpt_path {path}", flush=True)
+        print(f"ktm: interrupted; saved {path}. Resume with: ktm fit --config {config} --ckpt_path {path}", file=sys.stderr, flush=True)
+
+
+class ResumableRNG(L.Callback):
+    """Saves the global RNG states (torch, numpy, python) in checkpoints and restores them on resume.
+
+    Lightning does not: a resumed run would restart LoRA dropout from the seed's first draw instead of
+    where the checkpoint stopped, so it could not reproduce an uninterrupted run. A checkpoint taken
+    mid-step (Ctrl-C during forward/backward) stores the states from the start of that batch, since the
+    resumed run redoes the batch. Plain lists and tensors, so `torch.load(weights_only=True)` reads them.
+    """
+
+    def __init__(self):
+        self._trainer = None
+        self._snapshot: dict[str, Any] | None = None
+        self._snapshot_batch = -1
+
+    @staticmethod
+    def collect() -> dict[str, Any]:
+        import random
+
+        import numpy as np
+        import torch
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._snapshot = self.collect()
+        self._snapshot_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if trainer is not None and self._snapshot is not None:
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            if progress.ready > progress.processed and self._snapshot_batch == progress.ready:
+                return self._snapshot  # the step in flight will be redone: rewind to its start
+        return self.collect()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])

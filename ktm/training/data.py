@@ -8,16 +8,26 @@ Reaching the final threshold on the last stage stops training.
 K curriculum: `k_schedule` lists the K values in order (e.g. [1, 2, 4]). With `k_advance: epoch`
 each K lasts `epochs_per_k` epochs; with `k_advance: stage` stage i uses the i-th K. The last K stays.
 The state (stage, K, rounds) is saved in checkpoints, so a resumed run continues where it stopped.
+
+Exact resume: the training order is a permutation drawn from a seed fixed by (data seed, stage, epoch)
+(`EpochSampler`), and the training DataLoader implements Lightning's stateful-loader protocol
+(`ResumableLoader`): a checkpoint records which epoch order it was in and how many batches were already
+trained, and a resumed run skips exactly those. Every DataLoader has its own torch.Generator, so
+making an iterator never draws from the global RNG (which LoRA dropout uses): the dropout stream of
+a resumed run is the one of an uninterrupted run (ktm.training.callbacks.ResumableRNG restores it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import random
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ktm.benchmarks import get_benchmark
 from ktm.benchmarks.common import Example, balance
@@ -40,6 +50,91 @@ class ExampleDataset(Dataset):
 def collate(examples: list[Example]) -> dict[str, Any]:
     return {"prompts": [e.prompt for e in examples], "targets": [e.target for e in examples],
             "labels": [e.label for e in examples]}
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any values, the same in every process (Python's hash() is salted)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order of n items fixed by `seed`: the same seed gives the same order in any process."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that can start part-way through its epoch (Lightning calls state_dict() when it saves
+    a checkpoint and load_state_dict() before iterating again on resume).
+
+    `key` names the epoch order (data seed, stage, epoch, examples): a saved position is only applied to
+    a loader of the same order, so a checkpoint taken at an epoch's end never cuts the next epoch short.
+    `trained` counts the batches the trainer has *finished*, not the ones this loader has handed out:
+    Lightning fetches one batch ahead, so the loader's own count would skip a batch never trained on.
+    """
+
+    def __init__(self, *args: Any, key: str = "", trained: Callable[[], int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.key = key
+        self.trained = trained
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "trained": int(self.trained()) if self.trained is not None else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("key") == self.key:
+            self._skip = int(state.get("trained", 0))
+            if self._skip:
+                log.info("resuming mid-epoch: skipping the %d batch(es) this epoch already trained on", self._skip)
+
+    def __iter__(self):
+        it = super().__iter__()
+        skip, self._skip = self._skip, 0  # once: the next epoch starts from its beginning
+        for _ in range(skip):  # examples are in-memory text, so skipping costs next to nothing
+            if next(it, None) is None:
+                break
+        return it
+
+
+def _whole(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int)
+
+
+def check_data_args(**h: Any) -> None:
+    """One-line errors for bad data settings, checked before anything is loaded."""
+    for name in ("epochs_per_k", "max_rounds", "batch_size", "eval_batch_size"):
+        if name in h and (not _whole(h[name]) or h[name] < 1):
+            raise KTMError(f"data.{name} must be a whole number >= 1, got {h[name]!r}", f"set data.{name} to e.g. 1 or more")
+    for name in ("max_train_examples", "max_val_examples", "max_test_examples"):
+        if h.get(name) is not None and (not _whole(h[name]) or h[name] < 1):
+            raise KTMError(f"data.{name} must be a whole number >= 1 or null, got {h[name]!r}", f"set data.{name} to a count, or null for all")
+    if "num_workers" in h and (not _whole(h["num_workers"]) or h["num_workers"] < 0):
+        raise KTMError(f"data.num_workers must be a whole number >= 0, got {h['num_workers']!r}", "set data.num_workers to 0 (main process) or more")
+    if "seed" in h and not _whole(h["seed"]):
+        raise KTMError(f"data.seed must be a whole number, got {h['seed']!r}", "set data.seed to e.g. 0")
+    for name in ("advance_threshold", "final_threshold"):
+        v = h.get(name)
+        if name in h and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1):
+            raise KTMError(f"data.{name} must be a number in [0, 1], got {v!r}", f"set data.{name} to e.g. 0.85")
+    ks = h.get("k_schedule")
+    if ks is not None:
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, (list, tuple)):
+            raise KTMError(f"data.k_schedule must be a list of K values or null, got {ks!r}", "set it to e.g. [1, 2, 4]")
+        for k in ks:
+            if not _whole(k) or k < 1:
+                raise KTMError(f"data.k_schedule has an invalid K {k!r}", "K values are whole numbers >= 1, e.g. [1, 2, 4]")
+    stages = h.get("stages")
+    if stages is not None and (isinstance(stages, (str, bytes)) or not isinstance(stages, (list, tuple)) or not stages):
+        raise KTMError(f"data.stages must be a non-empty list of stage names or null, got {stages!r}", "set it to e.g. [small]")
 
 
 def _subsample(examples: list[Example], n: int | None, seed: int, balanced: bool) -> list[Example]:
@@ -94,17 +189,15 @@ class KTMDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        check_data_args(**self.hparams)
+        if benchmark_args is not None and not isinstance(benchmark_args, dict):
+            raise KTMError(f"data.benchmark_args must be a mapping, got {benchmark_args!r}", "write it as {key: value, ...}")
         self.benchmark = get_benchmark(benchmark, seed=seed, **(benchmark_args or {}))
         self.stages = list(stages or self.benchmark.stages[:1])
         bad = [s for s in self.stages if s not in self.benchmark.stages]
         if bad:
             raise KTMError(f"unknown stage(s) {bad} for benchmark {benchmark!r}", f"use some of: {', '.join(self.benchmark.stages)}")
         self.k_schedule = list(k_schedule) if k_schedule else []
-        for k in self.k_schedule:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise KTMError(f"data.k_schedule has an invalid K {k!r}", "K values are whole numbers >= 1, e.g. [1, 2, 4]")
-        if epochs_per_k < 1 or max_rounds < 1 or batch_size < 1 or eval_batch_size < 1:
-            raise KTMError("data.epochs_per_k, max_rounds, batch_size and eval_batch_size must be >= 1", "fix the data section of the config")
         self.stage_index = 0
         self.rounds_in_stage = 0
         self.epochs_done = 0
@@ -173,11 +266,25 @@ class KTMDataModule(L.LightningDataModule):
             self._splits[stage] = self.benchmark.load(stage)
         return self._splits[stage]
 
-    def _loader(self, examples: list[Example], batch_size: int, shuffle: bool) -> DataLoader:
+    def _check_nonempty(self, examples: list[Example]) -> None:
         if not examples:
             raise KTMError(f"no examples for stage {self.stage!r} of {self.benchmark.name!r}", "check the data source and the max_*_examples caps")
-        return DataLoader(ExampleDataset(examples), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.hparams.num_workers)
+
+    def _generator(self, *parts: Any) -> torch.Generator:
+        # Own generator: DataLoader draws a base seed per iterator, which would otherwise come from
+        # (and shift) the global RNG that dropout uses.
+        return torch.Generator().manual_seed(derived_seed(self.hparams.seed, *parts))
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else self.epochs_done
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch the trainer has run (optimizer step done), for ResumableLoader."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_examples(self) -> list[Example]:
         h = self.hparams
@@ -191,10 +298,24 @@ class KTMDataModule(L.LightningDataModule):
         return _subsample(examples, cap, h.seed, h.balanced_eval and self.benchmark.task == "classification")
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples(), self.hparams.batch_size, shuffle=True)
+        examples = self.train_examples()
+        self._check_nonempty(examples)
+        epoch = self._epoch()
+        # The order depends only on (seed, stage, epoch) and the examples drawn for this epoch, so a
+        # resumed run regenerates it; the key lets a saved position apply to this same order only.
+        key = f"seed={self.hparams.seed}/stage={self.stage}/epoch={epoch}/done={self.epochs_done}/n={len(examples)}"
+        sampler = EpochSampler(len(examples), derived_seed(self.hparams.seed, "train-order", self.stage, epoch))
+        return ResumableLoader(ExampleDataset(examples), batch_size=self.hparams.batch_size, sampler=sampler,
+                               collate_fn=collate, num_workers=self.hparams.num_workers,
+                               generator=self._generator("train", self.stage, epoch), key=key, trained=self._trained_batches)
+
+    def _eval_loader(self, examples: list[Example], split: str) -> DataLoader:
+        self._check_nonempty(examples)
+        return DataLoader(ExampleDataset(examples), batch_size=self.hparams.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.hparams.num_workers, generator=self._generator(split))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_examples("val"), self.hparams.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.eval_examples("val"), "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_examples("test"), self.hparams.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.eval_examples("test"), "test")

@@ -9,6 +9,7 @@ base is loaded from its source, and a checkpoint of another base is refused.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -65,6 +66,11 @@ class KTMModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        for name, value in (("lr_lora", lr_lora), ("lr_encoder", lr_encoder), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise KTMError(f"model.{name} must be a number >= 0, got {value!r}", f"set model.{name} to e.g. 1e-4")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier,
@@ -191,6 +197,7 @@ class KTMModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {n: t for n, t in checkpoint["state_dict"].items() if n in trainable}
         checkpoint["ktm"] = self.model.metadata()
+        checkpoint["ktm_counts"] = {"truncated_prompts": self.model.truncated_prompts}  # so a resumed run keeps counting
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ktm")
@@ -202,6 +209,7 @@ class KTMModule(L.LightningModule):
                 raise KTMError(
                     f"checkpoint was trained with {key}={str(saved.get(key))[:40]}, this run has {str(mine.get(key))[:40]}",
                     "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
+        self.model.truncated_prompts = checkpoint.get("ktm_counts", {}).get("truncated_prompts", 0)
 
 
 def line_similarity(a: str, b: str) -> float:

@@ -1,0 +1,145 @@
+"""Interrupted runs resume exactly: kill -9 mid-epoch and Ctrl-C mid-step, then the documented resume
+command, end with the same weights and metrics as an uninterrupted run with the same seed.
+
+The runs are real `python -m ktm.cli fit` processes on the tiny config-built Llama (LoRA dropout 0.05
+on, so the RNG stream matters). `FreezeAt` parks the process at a chosen step so the signal lands at a
+known point (mid-epoch, after a periodic checkpoint) instead of wherever the scheduler happens to be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ktm.cli import main
+from ktm.io import verify
+
+TESTS = Path(__file__).resolve().parent
+# 32 examples / batch 8 = 4 steps per epoch, 2 epochs = 8 steps; a periodic checkpoint every 3 steps.
+ARGS = ["--exp", "tree_k4", "--model.base=config:tiny-llama", "--model.ks=[1,2]", "--data.k_schedule=[1,2]",
+        "--data.benchmark_args={n_trees: 120}", "--data.max_train_examples=32", "--data.max_val_examples=16",
+        "--data.max_test_examples=16", "--data.batch_size=8", "--trainer.max_epochs=2", "--trainer.max_time=null",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+        "--checkpoint.every_n_train_steps=3", "--trainer.callbacks+=test_resume.FreezeAt"]
+
+
+class FreezeAt(L.Callback):
+    """Test helper: when KTM_TEST_FREEZE_AT=<global step> is set, write KTM_TEST_FREEZE_MARK and sleep,
+    either after that step (`batch_end`) or inside the next one, after its forward pass (`backward`)."""
+
+    def _freeze(self, trainer, where: str) -> None:
+        at = os.environ.get("KTM_TEST_FREEZE_AT")
+        if at and os.environ.get("KTM_TEST_FREEZE_WHERE", "batch_end") == where and trainer.global_step == int(at):
+            Path(os.environ["KTM_TEST_FREEZE_MARK"]).write_text(str(trainer.global_step))
+            time.sleep(120)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._freeze(trainer, "batch_end")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._freeze(trainer, "backward")
+
+
+@pytest.fixture(autouse=True)
+def _lightning_logs_to_current_stderr():
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its metrics and exported weights are what every resumed run must match."""
+    import ktm.benchmarks.common as common
+
+    tmp = tmp_path_factory.mktemp("resume")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "DATA_DIR", tmp / "data")
+        assert main(["fit", *ARGS, "--root", str(tmp / "runs"), "--run", "reference"]) == 0
+    return tmp, tmp / "runs" / "tree_k4" / "reference"
+
+
+def start_and_freeze(tmp: Path, run: str, at: int, where: str) -> subprocess.Popen:
+    mark = tmp / f"{run}.frozen"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "KTM_DATA": str(tmp / "data"), "KTM_TEST_FREEZE_AT": str(at), "KTM_TEST_FREEZE_WHERE": where,
+           "KTM_TEST_FREEZE_MARK": str(mark), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "ktm.cli", "fit", *ARGS, "--root", str(tmp / "runs"), "--run", run],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+    deadline = time.monotonic() + 240
+    while not mark.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training exited ({proc.returncode}) before step {at}: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training did not reach step {at} in time")
+        time.sleep(0.1)
+    return proc
+
+
+def assert_same_as_reference(reference_run: Path, run: Path) -> None:
+    from safetensors.torch import load_file
+
+    ref, got = json.loads((reference_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
+    assert got["global_step"] == ref["global_step"] == 8
+    assert got["val"].keys() == ref["val"].keys() == {"k1", "k2"}
+    for k in ref["val"]:
+        assert got["val"][k] == pytest.approx(ref["val"][k], rel=1e-6, abs=1e-9), k
+    for name in ("encoder.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(reference_run / "export" / name), load_file(run / "export" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=f"{name}:{key}")
+    # last.ckpt is the final state (not the step-6 periodic save), so `ktm test --ckpt_path last.ckpt` tests it
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, capsys):
+    tmp, reference_run = reference
+    proc = start_and_freeze(tmp, "killed", at=5, where="batch_end")  # epoch 1, after its first step
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp / "runs" / "tree_k4" / "killed"
+    last = run / "checkpoints" / "last.ckpt"
+    verify(last, "checkpoint")  # complete, with its checksum: written atomically before the kill
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 3  # the periodic save in the middle of epoch 0 (4 steps)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"key": "seed=0/stage=small/epoch=0/done=0/n=32", "trained": 3}]
+    assert not (run / "metrics.json").exists() and not (run / "export").exists()
+    # the documented resume command
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)]) == 0
+    assert "resuming mid-epoch: skipping the 3 batch(es) this epoch already trained on" in capsys.readouterr().err
+    assert_same_as_reference(reference_run, run)
+
+
+def test_ctrl_c_mid_step_saves_a_checkpoint_and_its_resume_command_matches(reference):
+    tmp, reference_run = reference
+    proc = start_and_freeze(tmp, "ctrl_c", at=5, where="backward")  # inside step 6: forward done, no update yet
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    run = tmp / "runs" / "tree_k4" / "ctrl_c"
+    saved = run / "checkpoints" / "interrupted.ckpt"
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    expected = f"ktm: interrupted; saved {saved}. Resume with: ktm fit --config {run / 'config.yaml'} --ckpt_path {saved}"
+    assert expected in err.splitlines()
+    verify(saved, "checkpoint")
+    assert torch.load(saved, weights_only=False)["global_step"] == 5
+    command = expected.split("Resume with: ktm ", 1)[1].split()
+    assert main(command) == 0
+    assert_same_as_reference(reference_run, run)
