@@ -1,0 +1,684 @@
+"""`ktm bench`: does merging K tokens buy the prefill speed-up it promises, end to end?
+
+For each model, batch size B, prompt length N and K it measures, with KTMModel's own code:
+
+  * TTFT end to end = tokenise + embedding lookup + merge encoder + layout (padding/concat) + prefill
+    (LoRA on, KV cache on, last position's logits only) + first token (greedy pick), and that split into
+    its parts. The embedding and encoder parts are timed by forward hooks inside `build_batch`, so the
+    split comes from the very run whose total is reported.
+  * the ceiling: the bare base (LoRA off) prefilling a random embedding sequence of the merged length.
+    Speed-up vs K=1 for both; "fraction of ceiling" = e2e speed-up / ceiling speed-up.
+  * encoder share = encoder time / compressed prefill time, with an analytic FLOP ratio beside it.
+  * peak memory of one e2e run and the KV-cache bytes of the tensors the prefill returned.
+  * decode tokens/s on the cache of the merged prefill vs that of the normal (K=1) prefill.
+  * one training step (tokenise + build_batch + target NLL forward + backward + AdamW) per K.
+
+Every timing has warm-up runs first, then `--repeats` runs: median with min/max and quartiles.
+Targets are printed as PASS/MISS; the command never fails on timing. Speed does not depend on the
+weight values, so the config-built shapes (random weights) stand in for the real models.
+Outputs: checkpoints/bench/<name>/{results.json, results.md, speedup.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import platform
+import random
+import string
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ktm.errors import KTMError
+
+log = logging.getLogger("ktm")
+
+# Bench names -> KTMModel.from_base names. Config shapes have random weights (speed only);
+# smollm2-135m is the embedded real base. Any other "config:<shape>" is accepted as well.
+MODELS = {
+    "smollm2-135m": "smollm2-135m",
+    "qwen2.5-0.5b": "config:qwen2.5-0.5b",
+    "qwen2.5-1.5b": "config:qwen2.5-1.5b",
+    "qwen2.5-7b": "config:qwen2.5-7b",
+    "tiny-llama": "config:tiny-llama",
+}
+TARGET_FRACTION, TARGET_FRACTION_K = 0.9, 4
+TARGET_ENCODER_SHARE, TARGET_ENCODER_LENGTH = 0.05, 2048
+PARTS = ("tokenize", "embed", "encoder", "layout", "prefill", "first_token")
+
+# Defaults per device: the CPU grid must finish in ~15 min on 2 cores; the full grid is for GPUs.
+DEFAULTS = {
+    "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1),
+    "cuda": dict(lengths=[512, 2048, 8192], batch_sizes=[1, 8], repeats=10, warmup=2, decode_tokens=64, train_batch=8),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises KTMError (one line via the ktm CLI) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise KTMError(f"ktm bench: {message}", "see ktm bench --help")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where the help already says them (the device-dependent ones)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ktm bench",
+        description="Measure TTFT (split into parts), the base-only prefill ceiling, encoder share, memory, KV cache, "
+        "decode and training throughput for each K. Defaults depend on the device: on CPU a grid that finishes in "
+        "about 15 min on 2 cores (qwen2.5-0.5b shape, lengths 512 2048, batch 1); on CUDA the full grid "
+        "(lengths 512 2048 8192, batch 1 8, bf16). Timings never make the command fail: targets print PASS/MISS.",
+        formatter_class=_Help,
+    )
+    p.add_argument("--models", nargs="+", default=["qwen2.5-0.5b"], metavar="MODEL",
+                   help=f"models to measure: {', '.join(MODELS)} or any config:<shape>; config shapes have random "
+                   "weights (speed does not depend on them), smollm2-135m is the embedded real base")
+    p.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8], metavar="K",
+                   help="merge factors; K=1 (no merging) is always added, it is the baseline of every speed-up")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="N",
+                   help="prompt lengths in tokens (default: 512 2048 on CPU, 512 2048 8192 on CUDA)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, metavar="B",
+                   help="batch sizes (default: 1 on CPU, 1 8 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 3 on CPU, 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs before the timed ones (default: 1 CPU, 2 CUDA)")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="tokens decoded after the prefill for decode tok/s; 0 skips decode (default: 16 CPU, 64 CUDA)")
+    p.add_argument("--train-length", type=int, default=512,
+                   help="prompt length of the training-step measurement; 0 skips training")
+    p.add_argument("--train-batch", type=int, default=None, help="batch size of the training step (default: 1 CPU, 8 CUDA)")
+    p.add_argument("--train-target-tokens", type=int, default=16, help="answer tokens per training example (loss on them)")
+    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank on the base (0 = no LoRA), as in training")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and embeddings")
+    p.add_argument("--name", default=None, help="output folder name under --out-root (default: a timestamp)")
+    p.add_argument("--out-root", default="checkpoints/bench", help="folder that holds all benchmark outputs")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    a = build_parser().parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise KTMError("--device cuda but torch sees no CUDA device", "use --device cpu or install a CUDA build of torch")
+    if a.dtype == "auto":
+        a.dtype = "bfloat16" if a.device == "cuda" else "float32"
+    for key, value in DEFAULTS[a.device].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    for name in ("ks", "lengths", "batch_sizes"):
+        bad = [v for v in getattr(a, name) if v < 1]
+        if bad:
+            raise KTMError(f"--{name.replace('_', '-')} must be whole numbers >= 1, got {bad[0]}", "e.g. --ks 1 2 4 8")
+    for name, low in (("repeats", 1), ("warmup", 0), ("decode_tokens", 0), ("train_length", 0), ("train_batch", 1),
+                      ("train_target_tokens", 1), ("lora_r", 0), ("threads", 1)):
+        v = getattr(a, name)
+        if v is not None and v < low:
+            raise KTMError(f"--{name.replace('_', '-')} must be >= {low}, got {v}", "see ktm bench --help")
+    a.ks = sorted(set(a.ks) | {1})
+    a.lengths, a.batch_sizes = sorted(set(a.lengths)), sorted(set(a.batch_sizes))
+    short = [n for n in a.lengths + ([a.train_length] if a.train_length else []) if n < a.ks[-1]]
+    if short:
+        raise KTMError(f"prompt length {short[0]} is shorter than K={a.ks[-1]}: nothing would be merged",
+                       "use lengths of at least the largest K")
+    if a.train_length and a.lora_r == 0:
+        raise KTMError("the training step needs LoRA (at K=1 nothing else trains)", "use --lora-r >= 1 or --train-length 0")
+    a.bases = [resolve_model(m) for m in a.models]
+    return a
+
+
+def resolve_model(name: str) -> str:
+    from ktm.base import CONFIG_SHAPES
+
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("config:") and name.split(":", 1)[1] in CONFIG_SHAPES:
+        return name
+    raise KTMError(f"unknown bench model {name!r}", f"use one of: {', '.join(MODELS)} (or config:<shape>)")
+
+
+# -- clocks, statistics, memory ------------------------------------------------------------------
+class Clock:
+    """perf_counter that first waits for queued CUDA work, so a part's time is its own."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def stats(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"median": med, "min": min(values), "max": max(values), "q1": q1, "q3": q3, "n": len(values)}
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a region above what was held before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: tracemalloc does not see torch's buffers, so the process
+    RSS: Linux's peak (VmHWM, reset by writing 5 to /proc/self/clear_refs) minus the RSS before; freed heap
+    is returned first (malloc_trim) so reused memory shows. Without /proc it falls back to psutil's RSS
+    after minus before, which misses a peak freed inside the region."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated delta" if device.type == "cuda" else self._cpu_method()
+        self.before = 0
+
+    @staticmethod
+    def _cpu_method() -> str:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            if _status_kib("VmHWM") is not None:
+                return "peak RSS (VmHWM after clear_refs) minus RSS before"
+        except OSError:
+            pass
+        return "psutil RSS after minus before"
+
+    @staticmethod
+    def _rss() -> int:
+        kib = _status_kib("VmRSS")
+        if kib is not None:
+            return kib * 1024
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+        self.before = self._rss()
+        if self.method.startswith("peak RSS"):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.before
+        after = _status_kib("VmHWM") * 1024 if self.method.startswith("peak RSS") else self._rss()
+        return max(0, after - self.before)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of the key/value tensors a forward returned (a transformers Cache or legacy tuples)."""
+    seen: set[int] = set()
+
+    def walk(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(o) for o in obj)
+        if hasattr(obj, "layers"):  # transformers >= 4.56 Cache: one layer object per decoder layer
+            return sum(walk([getattr(layer, "keys", None), getattr(layer, "values", None)]) for layer in obj.layers)
+        if hasattr(obj, "key_cache"):  # older DynamicCache
+            return walk(obj.key_cache) + walk(obj.value_cache)
+        return 0
+
+    return walk(cache)
+
+
+# -- analytic FLOPs --------------------------------------------------------------------------------
+def _linear_macs(module: nn.Module, skip: str | None = None) -> tuple[int, int]:
+    """(MACs per position of all Linear layers outside `skip`, MACs of those inside it). LoRA's A/B
+    matrices are Linear layers of their own, so they count too."""
+    body = head = 0
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            macs = m.in_features * m.out_features
+            if skip and skip in name.split("."):
+                head += macs
+            else:
+                body += macs
+    return body, head
+
+
+def base_config(model):
+    lm = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+    return lm.config
+
+
+def prefill_flops(model, batch: int, length: int) -> float:
+    """FLOPs of a prefill of `length` positions: linear layers at every position, the LM head (with its
+    LoRA) at the one kept position, causal attention (QK^T and AV over L(L+1)/2 query-key pairs)."""
+    cfg = base_config(model)
+    body, head = _linear_macs(model.lm, skip="lm_head")
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    attn = 2 * heads * head_dim * length * (length + 1) / 2 * cfg.num_hidden_layers
+    return 2.0 * batch * (body * length + head + attn)
+
+
+def encoder_flops(model, k: int, batch: int, blocks: int) -> float:
+    body, _ = _linear_macs(model._encoder(k))
+    return 2.0 * batch * blocks * body
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+def make_texts(model, n: int, batch: int, seed: int) -> list[str]:
+    """`batch` different random texts that the model's tokenizer turns into exactly n tokens."""
+    tok = model.tokenizer
+    specials = len(tok("x", add_special_tokens=True)["input_ids"]) - len(tok("x", add_special_tokens=False)["input_ids"])
+    texts = []
+    for row in range(batch):
+        rng = random.Random(seed * 1000003 + row)
+        words = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7))) for _ in range(n))
+        ids = tok(words, add_special_tokens=False)["input_ids"]  # every word is >= 1 token: >= n tokens
+        body = n - specials
+        for j in sorted(range(-8, 9), key=abs):  # a cut can merge/split at the seam: try nearby cuts
+            text = tok.decode(ids[: max(0, body + j)])
+            if len(tok(text, add_special_tokens=True)["input_ids"]) == n:
+                texts.append(text)
+                break
+        else:
+            raise KTMError(f"could not build a prompt of exactly {n} tokens for this tokenizer", "try another --lengths")
+    got = [len(r) for r in model.tokenize_prompts(texts)]  # the model's own check (context limit, ...)
+    assert got == [n] * batch, got
+    return texts
+
+
+# -- measurements -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _part_timers(modules: dict[str, nn.Module], clock: Clock, totals: dict[str, float]):
+    """Add each module's forward time to totals[name] (hooks on the model's own modules)."""
+    handles, starts = [], {}
+    for name, mod in modules.items():
+        totals[name] = 0.0
+
+        def pre(_m, _i, name=name):
+            starts[name] = clock.now()
+
+        def post(_m, _i, _o, name=name):
+            totals[name] += clock.now() - starts[name]
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def e2e_once(model, texts: list[str], k: int, clock: Clock) -> tuple[float, dict, object, object]:
+    """One TTFT run exactly as KTMModel.generate_ids starts: returns (total s, parts s, batch, output)."""
+    from ktm.model import _pick
+
+    parts: dict[str, float] = {}
+    with _part_timers({"embed": model.embed, "encoder": model._encoder(k)}, clock, parts):
+        t0 = clock.now()
+        ids = model.tokenize_prompts(texts)
+        t1 = clock.now()
+        batch = model.build_batch(ids, k)
+        t2 = clock.now()
+        out = model.forward(batch, logits_to_keep=1, use_cache=True)
+        t3 = clock.now()
+        _pick(out.logits[:, -1], 0.0, 1.0, None).tolist()  # the first token, on the host
+        t4 = clock.now()
+    parts.update(tokenize=t1 - t0, layout=(t2 - t1) - parts["embed"] - parts["encoder"], prefill=t3 - t2, first_token=t4 - t3)
+    return t4 - t0, parts, batch, out
+
+
+@torch.no_grad()
+def ceiling_once(model, embeds: torch.Tensor, clock: Clock) -> float:
+    """Prefill of the bare base (LoRA off) on given embeddings: no tokenizer, no encoder, no padding."""
+    B, L, _ = embeds.shape
+    mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
+    pos = torch.arange(L, device=embeds.device).expand(B, L)
+    off = model.lm.disable_adapter() if hasattr(model.lm, "disable_adapter") else contextlib.nullcontext()
+    with off:
+        t0 = clock.now()
+        out = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=True)
+        t1 = clock.now()
+    del out
+    return t1 - t0
+
+
+@torch.no_grad()
+def decode_once(model, batch, out, steps: int, clock: Clock) -> float:
+    """Tokens/s of `steps` greedy steps on the prefill's KV cache: the same calls as generate_ids' loop
+    (EOS ignored so every run decodes the same number of tokens). The cache is cropped back to the
+    prefill afterwards, so one prefill serves every repeat."""
+    from ktm.model import _pick
+
+    cache, L = out.past_key_values, batch.inputs_embeds.shape[1]
+    mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+    nxt = _pick(out.logits[:, -1], 0.0, 1.0, None)
+    t0 = clock.now()
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos + 1
+        step = model.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        nxt = _pick(step.logits[:, -1], 0.0, 1.0, None)
+        bool((nxt == model.eos_id).all())  # generate_ids checks for EOS on the host every step
+    t1 = clock.now()
+    cache.crop(-(cache.get_seq_length() - L))  # negative = tokens to drop (old and new transformers)
+    return steps * mask.shape[0] / (t1 - t0)
+
+
+def train_step_once(model, opt, texts: list[str], targets: list[str], k: int, clock: Clock) -> float:
+    """One training step as KTMModule.training_step + the optimizer: tokenise, build_batch, target NLL,
+    backward, AdamW."""
+    t0 = clock.now()
+    b = model.build_batch(model.tokenize_prompts(texts), k, model.tokenize_targets(targets))
+    nll, counts, _ = model.target_nll(b)
+    (nll.sum() / counts.sum().clamp(min=1)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return clock.now() - t0
+
+
+def measure_point(model, texts, k, a, clock, mem, device) -> dict:
+    B, N = len(texts), len(model.tokenize_prompts(texts[:1])[0])
+    gen = torch.Generator(device="cpu").manual_seed(a.seed + k)
+    L = int(model.build_batch(model.tokenize_prompts(texts[:1]), k).merged_tokens[0])
+    scale = float(model.embed.weight.float().std())
+    embeds = (torch.randn(B, L, model.hidden_size, generator=gen) * scale).to(device, model.embed.weight.dtype)
+    for _ in range(a.warmup):
+        e2e_once(model, texts, k, clock)
+        ceiling_once(model, embeds, clock)
+    totals, ceilings, parts, peaks = [], [], {p: [] for p in PARTS}, []
+    batch = out = None
+    for _ in range(a.repeats):  # e2e and ceiling interleaved, so drift of the machine hits both alike
+        batch = out = None
+        mem.start()
+        total, split, batch, out = e2e_once(model, texts, k, clock)
+        peaks.append(mem.stop())
+        totals.append(total)
+        for p in PARTS:
+            parts[p].append(split[p])
+        ceilings.append(ceiling_once(model, embeds, clock))
+    row = {
+        "batch": B, "length": N, "k": k, "merged_length": L,
+        "ttft_e2e_s": stats(totals), "ceiling_s": stats(ceilings),
+        "parts_s": {p: stats(v)["median"] for p, v in parts.items()},
+        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+        "peak_memory_bytes": int(stats(peaks)["median"]),
+    }
+    enc, pre = row["parts_s"]["encoder"], row["parts_s"]["prefill"]
+    blocks = (N // k) if k > 1 else 0
+    row["encoder_share"] = enc / pre if k > 1 else None
+    row["encoder_flop_share"] = encoder_flops(model, k, B, blocks) / prefill_flops(model, B, L) if k > 1 else None
+    if a.decode_tokens:
+        for _ in range(a.warmup):
+            decode_once(model, batch, out, min(a.decode_tokens, 4), clock)
+        row["decode_tokens_per_s"] = stats([decode_once(model, batch, out, a.decode_tokens, clock) for _ in range(a.repeats)])
+    return row
+
+
+def measure_training(model, a, clock, mem) -> list[dict]:
+    texts = make_texts(model, a.train_length, a.train_batch, a.seed + 7)
+    answer = make_texts(model, a.train_target_tokens, a.train_batch, a.seed + 8)
+    rows = []
+    model.train()
+    try:
+        for k in a.ks:
+            params = list(model._encoder(k).parameters()) + model.trainable_parameters()["lora"]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            for _ in range(a.warmup):
+                train_step_once(model, opt, texts, answer, k, clock)
+            mem.start()
+            times = [train_step_once(model, opt, texts, answer, k, clock) for _ in range(a.repeats)]
+            peak = mem.stop()
+            s = stats(times)
+            rows.append({"batch": a.train_batch, "length": a.train_length, "k": k, "step_s": s,
+                         "samples_per_s": a.train_batch / s["median"],
+                         "prompt_tokens_per_s": a.train_batch * a.train_length / s["median"], "peak_memory_bytes": peak})
+            del opt
+            log.info("bench: train K=%d step %.3fs", k, s["median"])
+    finally:
+        model.eval()
+    add_train_targets(rows)
+    return rows
+
+
+def add_train_targets(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["k"] == 1)
+    for r in rows:
+        r["speedup_per_sample"] = r["samples_per_s"] / base["samples_per_s"]
+        r["targets"] = {"faster_per_sample_than_K=1": "PASS" if r["speedup_per_sample"] > 1 else "MISS"} if r["k"] == 4 else {}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-ups vs K=1 of the same (model, batch, length), fraction of ceiling, decode vs K=1, targets."""
+    for r in rows:
+        base = next(b for b in rows if (b["model"], b["batch"], b["length"], b["k"]) == (r["model"], r["batch"], r["length"], 1))
+        r["e2e_speedup"] = base["ttft_e2e_s"]["median"] / r["ttft_e2e_s"]["median"]
+        r["ceiling_speedup"] = base["ceiling_s"]["median"] / r["ceiling_s"]["median"]
+        r["fraction_of_ceiling"] = r["e2e_speedup"] / r["ceiling_speedup"]
+        if "decode_tokens_per_s" in r:
+            r["decode_vs_k1"] = r["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
+        targets = {}
+        if r["k"] == TARGET_FRACTION_K:
+            targets[f"fraction_of_ceiling>={TARGET_FRACTION}"] = r["fraction_of_ceiling"] >= TARGET_FRACTION
+        if r["length"] == TARGET_ENCODER_LENGTH and r["k"] > 1:
+            targets[f"encoder_share<={TARGET_ENCODER_SHARE:.0%}"] = r["encoder_share"] <= TARGET_ENCODER_SHARE
+        r["targets"] = {name: "PASS" if ok else "MISS" for name, ok in targets.items()}
+
+
+# -- reporting ------------------------------------------------------------------------------------------
+def device_info(a, device: torch.device) -> dict:
+    import transformers
+
+    info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["attention"] = "sdpa"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    info.setdefault("cpu", platform.processor() or platform.machine())
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.1%}"
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def markdown(result: dict) -> str:
+    meta, rows, train = result["meta"], result["rows"], result["train"]
+    dev = meta["device_info"]
+    where = dev.get("gpu") or dev["cpu"]
+    lines = [
+        f"# ktm bench: {meta['name']}", "",
+        f"Device: {dev['device']} ({where}), {dev['threads']} threads, dtype {dev['dtype']}, torch {dev['torch']}, "
+        f"transformers {dev['transformers']}. {meta['weights_note']}", "",
+        f"Command: `{meta['command']}`", "",
+        f"Medians of {meta['args']['repeats']} runs after {meta['args']['warmup']} warm-up; [min–max]. TTFT e2e = "
+        "tokenise + embed + merge encoder + layout + prefill (LoRA on) + first token. Ceiling = bare-base prefill of a "
+        "random embedding sequence of the merged length. Fraction = e2e speed-up / ceiling speed-up. Enc share = "
+        "encoder time / compressed prefill time (FLOP ratio in brackets). Peak mem = "
+        f"{meta['memory_method']}.", "",
+        "| model | batch | length | K | merged | TTFT e2e ms [min–max] | ceiling ms | e2e speed-up | ceiling speed-up | "
+        "fraction of ceiling | enc share (FLOPs) | KV cache MiB | peak mem MiB | decode tok/s (vs K=1) | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, c = r["ttft_e2e_s"], r["ceiling_s"]
+        dec = "—"
+        if "decode_tokens_per_s" in r:
+            dec = f"{r['decode_tokens_per_s']['median']:.1f} ({r['decode_vs_k1']:.2f}x)"
+        enc = "—" if r["encoder_share"] is None else f"{_pct(r['encoder_share'])} ({_pct(r['encoder_flop_share'])})"
+        tg = "; ".join(f"{n} {v}" for n, v in r["targets"].items()) or ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['merged_length']} | "
+                     f"{_ms(t['median'])} [{_ms(t['min'])}–{_ms(t['max'])}] | {_ms(c['median'])} | "
+                     f"{r['e2e_speedup']:.2f}x | {r['ceiling_speedup']:.2f}x | {r['fraction_of_ceiling']:.2f} | {enc} | "
+                     f"{_mib(r['kv_cache_bytes'])} | {_mib(r['peak_memory_bytes'])} | {dec} | {tg} |")
+    lines += ["", "TTFT split (medians, ms):", "",
+              "| model | batch | length | K | " + " | ".join(PARTS) + " |", "|---|---|---|---|" + "---|" * len(PARTS)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | "
+                     + " | ".join(_ms(r["parts_s"][p]) for p in PARTS) + " |")
+    if train:
+        lines += ["", "Training step (tokenise + build_batch + forward + backward + AdamW, LoRA + encoder):", "",
+                  "| model | batch | length | K | step ms [min–max] | samples/s | prompt tokens/s | per-sample speed-up | peak mem MiB | targets |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in train:
+            s = r["step_s"]
+            lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {_ms(s['median'])} "
+                         f"[{_ms(s['min'])}–{_ms(s['max'])}] | {r['samples_per_s']:.2f} | {r['prompt_tokens_per_s']:.0f} | "
+                         f"{r['speedup_per_sample']:.2f}x | {_mib(r['peak_memory_bytes'])} | "
+                         + "; ".join(f"{n} {v}" for n, v in r["targets"].items()) + " |")
+    lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['status']} ({t['detail']})" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def target_summary(rows: list[dict], train: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        for name, status in r["targets"].items():
+            value = r["fraction_of_ceiling"] if name.startswith("fraction") else r["encoder_share"]
+            out.append({"target": f"{name} ({r['model']}, B={r['batch']}, N={r['length']}, K={r['k']})", "status": status,
+                        "detail": f"measured {value:.3f}" + (f", FLOP ratio {r['encoder_flop_share']:.3f}"
+                                                             if name.startswith("encoder") else "")})
+    for r in train:
+        for name, status in r["targets"].items():
+            out.append({"target": f"K=4 trains {name.replace('_', ' ')} ({r['model']}, B={r['batch']}, N={r['length']})",
+                        "status": status, "detail": f"{r['speedup_per_sample']:.2f}x samples/s of K=1"})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ktm.io import write_with
+
+    groups = sorted({(r["model"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (model, batch) in zip(axes[0], groups):
+        sel = [r for r in rows if (r["model"], r["batch"]) == (model, batch)]
+        ks = sorted({r["k"] for r in sel})
+        for i, n in enumerate(sorted({r["length"] for r in sel})):
+            pts = sorted((r for r in sel if r["length"] == n), key=lambda r: r["k"])
+            color = f"C{i}"
+            ax.plot([r["k"] for r in pts], [r["e2e_speedup"] for r in pts], "o-", color=color, label=f"N={n} e2e")
+            ax.plot([r["k"] for r in pts], [r["ceiling_speedup"] for r in pts], "s--", color=color, alpha=0.6,
+                    label=f"N={n} ceiling")
+        ax.plot(ks, ks, ":", color="grey", label="speed-up = K")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K (tokens merged into one)")
+        ax.set_ylabel("TTFT speed-up vs K=1")
+        ax.set_title(f"{model}, batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------------------------
+def run(a: argparse.Namespace) -> dict:
+    from ktm.model import KTMModel, LoraSettings
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    clock, mem = Clock(device), PeakMemory(device)
+    rows, train = [], []
+    for name, base in zip(a.models, a.bases):
+        log.info("bench: loading %s (%s, %s)", name, base, a.dtype)
+        torch.manual_seed(a.seed)
+        model = KTMModel.from_base(base, dtype=a.dtype, ks=a.ks, lora=LoraSettings(r=a.lora_r)).to(device).eval()
+        too_long = [n for n in a.lengths + [a.train_length] if n > model.max_prompt_tokens]
+        if too_long:
+            raise KTMError(f"length {too_long[0]} is longer than {name}'s context of {model.max_prompt_tokens} tokens",
+                           "use shorter --lengths / --train-length")
+        for B in a.batch_sizes:
+            for N in a.lengths:
+                texts = make_texts(model, N, B, a.seed)
+                for k in a.ks:
+                    row = {"model": name, **measure_point(model, texts, k, a, clock, mem, device)}
+                    log.info("bench: %s B=%d N=%d K=%d  TTFT %.3fs  ceiling %.3fs", name, B, N, k,
+                             row["ttft_e2e_s"]["median"], row["ceiling_s"]["median"])
+                    rows.append(row)
+        if a.train_length:
+            train += [{"model": name, **r} for r in measure_training(model, a, clock, mem)]
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(rows)
+    weights = ("Random weights (config-built shapes): speed does not depend on weight values."
+               if all(b.startswith("config:") for b in a.bases) else
+               "Config shapes have random weights; smollm2-135m has its real weights (encoder/LoRA untrained).")
+    args = {k: v for k, v in vars(a).items() if k != "bases"}
+    return {"meta": {"name": a.name, "command": a.command, "args": args, "device_info": device_info(a, device),
+                     "memory_method": mem.method, "weights_note": weights, "created": datetime.now().isoformat(timespec="seconds")},
+            "rows": rows, "train": train, "targets": target_summary(rows, train)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ktm.io import write_json, write_text
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    a.name = a.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not a.name or "/" in a.name or a.name.startswith("."):
+        raise KTMError(f"--name {a.name!r} is not a plain folder name", "use letters, digits, - and _")
+    a.command = " ".join(["ktm bench", *argv])
+    out_dir = Path(a.out_root) / a.name
+    result = run(a)
+    md = markdown(result)
+    write_json(out_dir / "results.json", result)
+    write_text(out_dir / "results.md", md)
+    plot(result["rows"], out_dir / "speedup.png")
+    print(md)
+    print(f"ktm bench: results in {out_dir}/ (results.json, results.md, speedup.png)")
+    return result
