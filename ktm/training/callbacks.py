@@ -98,7 +98,8 @@ class RunOutputs(L.Callback):
         if speed:
             doc.setdefault("speed", {}).update(speed)
         doc.setdefault("wall_seconds", {})[phase] = round(time.time() - self.started, 1)
-        doc["global_step"] = trainer.global_step
+        if phase == "fit":  # a later `ktm test` starts a fresh trainer at step 0
+            doc["global_step"] = trainer.global_step
         write_json(path, doc)
         write_report(folder)
         if self.export and phase == "fit":
