@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
 
@@ -26,3 +29,15 @@ def tiny():
         if enc.mlp is not None:
             torch.nn.init.normal_(enc.mlp[-1].weight, std=0.02)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _lightning_logs_to_current_stderr():
+    """Lightning's log handlers keep the stderr of the first test; point them at the current one so
+    capsys/capfd see Lightning's lines in every test."""
+    import lightning.pytorch  # noqa: F401  (creates the loggers)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(sys.stderr)

@@ -132,16 +132,6 @@ def bad_arguments(draw):
     return f"--{key}={draw(BAD[key])}"
 
 
-@pytest.fixture(autouse=True)
-def _lightning_logs_to_current_stderr():
-    import lightning.pytorch  # noqa: F401
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setStream(sys.stderr)
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arg=bad_arguments())
 def test_bad_config_values_always_give_one_clear_line(arg, capsys, tmp_path):

@@ -50,14 +50,6 @@ class FreezeAt(L.Callback):
         self._freeze(trainer, "backward")
 
 
-@pytest.fixture(autouse=True)
-def _lightning_logs_to_current_stderr():
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setStream(sys.stderr)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run: its metrics and exported weights are what every resumed run must match."""
