@@ -295,7 +295,7 @@ def run_lightning(argv: list[str]) -> None:
     except MisconfigurationException as exc:  # Lightning's own verdict on trainer settings
         raise KTMError(f"invalid trainer setting: {' '.join(str(exc).split())[:240]}",
                        f"fix the trainer section of the config ({command} --help lists the options)") from None
-    except SystemExit as exc:
+    except SystemExit:
         if interrupt.saved is not None:  # Lightning turns Ctrl-C into exit(1) after our callback saved
             raise Interrupted(str(interrupt.saved)) from None
         raise

@@ -16,7 +16,6 @@ No Lightning here: serving and notebooks use this module directly.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
