@@ -465,3 +465,19 @@ def test_miner_cli_prints_one_line(mined_repo, tmp_path, capsys):
     # Without --out the file goes under the (temporary) data folder.
     main(["--repo", str(repo.path)])
     assert (common.DATA_DIR / "commits" / "proj-python.jsonl").exists()
+
+
+def test_size_caps_count_utf8_bytes_so_non_latin_text_cannot_slip_past(tmp_path):
+    # 100 CJK characters = 300 UTF-8 bytes: a 200 cap drops it although it has only 100 characters
+    # (byte-level tokenizers spend up to one token per byte on such text).
+    wide = "".join("数" for _ in range(100)) + "\n"
+    rows = [_edit("o/a", "a.py", 0, old="x = 1\n", new=wide), _edit("o/b", "b.py", 1, old=wide * 3, new="y = 2\n")]
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = CommitPackBenchmark(source="jsonl", data_dir=str(d), max_new_chars=200, max_old_chars=400).build("all").info
+    assert info["dropped"]["long_new"] == 2 and info["truncated_old"] == 2
+    cut = truncate_text(wide * 3, 400)
+    assert cut == wide and len(cut.encode()) <= 400  # whole lines, never half a character
+    assert truncate_text("ab数", 4) == "ab" and truncate_text("数ab", 4, side="left") == "ab"

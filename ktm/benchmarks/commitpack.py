@@ -31,7 +31,7 @@ Sources (option `source`):
   never reused for hub data.
 
 Long inputs (counted in info, never silent): `max_new_chars` drops examples whose target is longer
-(a truncated target would teach the model a file that does not exist). `max_old_chars` either drops the
+(a truncated target would teach the model a file that does not exist; sizes count UTF-8 bytes, see text_size). `max_old_chars` either drops the
 example (`long_policy="drop"`) or cuts the old file at a line boundary (`"truncate"`). The cut is
 from the end by default (`truncate_side="right"`, keeping the head): the target starts with the head
 of the new file, so the kept old head lines up with the first target tokens the rest is conditioned
@@ -94,21 +94,30 @@ def format_prompt(old_contents: str, subject: str) -> str:
     return f"{INSTRUCTION}\nOld Content:\n{old}Instructions:\n{subject.strip()}\nNew Content:\n"
 
 
+def text_size(text: str) -> int:
+    """Size of a text for the caps: UTF-8 bytes. Equal to characters for ASCII code, and an upper bound on
+    the tokens of byte-level BPE tokenizers, so a file of non-Latin text (3-4 tokens per character)
+    cannot slip past a cap meant to bound the prompt's length in tokens."""
+    return len(text.encode("utf-8"))
+
+
 def truncate_text(text: str, max_chars: int, side: str = "right") -> str:
-    """Cut `text` to at most `max_chars`, at a line boundary when one exists inside the kept part.
+    """Cut `text` to at most `max_chars` (as counted by text_size), at a line boundary when one exists
+    inside the kept part.
 
     side="right" removes the end (keeps the head), "left" removes the start (keeps the end).
     """
-    if len(text) <= max_chars:
+    raw = text.encode("utf-8")
+    if len(raw) <= max_chars:
         return text
     if side == "right":
-        cut = text[:max_chars]
+        cut = raw[:max_chars].decode("utf-8", "ignore")  # "ignore" drops a split multi-byte character
         nl = cut.rfind("\n")
         return cut[: nl + 1] if nl >= 0 else cut
-    start = len(text) - max_chars
-    if text[start - 1] == "\n":
-        return text[start:]  # already at a line start
-    cut = text[start:]
+    start = len(raw) - max_chars
+    cut = raw[start:].decode("utf-8", "ignore")
+    if raw[start - 1 : start] == b"\n":
+        return cut  # already at a line start
     nl = cut.find("\n")
     return cut[nl + 1 :] if 0 <= nl < len(cut) - 1 else cut
 
@@ -130,7 +139,8 @@ class CommitPackBenchmark(Benchmark):
       test_size: examples held out for test when we split (hub; jsonl without test file): an int is a
         count, a float in (0, 1) a fraction. Default None = 5600 for the hub, 0.1 for jsonl.
       val_fraction: share of train examples moved to val, by whole groups. Default 0.1.
-      max_old_chars, max_new_chars: caps in characters, None = no cap. Default None.
+      max_old_chars, max_new_chars: caps counted in UTF-8 bytes (= characters for ASCII; see text_size),
+        None = no cap. Default None.
       long_policy: "truncate" | "drop" for old files over max_old_chars. Default "truncate".
       truncate_side: "right" (keep the head) | "left" (keep the end). Default "right".
     """
@@ -138,7 +148,7 @@ class CommitPackBenchmark(Benchmark):
     name = "commitpack"
     task = "perplexity"
     labels = ()
-    version = "1"
+    version = "2"  # 2: size caps count UTF-8 bytes
 
     def __init__(
         self,
@@ -375,11 +385,11 @@ class _Filter:
             if old == new:
                 self.dropped["identical"] += 1
                 continue
-            if self.max_new is not None and len(new) > self.max_new:
+            if self.max_new is not None and text_size(new) > self.max_new:
                 self.dropped["long_new"] += 1
                 continue
             truncated = False
-            if self.max_old is not None and len(old) > self.max_old:
+            if self.max_old is not None and text_size(old) > self.max_old:
                 if self.policy == "drop":
                     self.dropped["long_old"] += 1
                     continue
