@@ -227,6 +227,19 @@ class KTMModel(nn.Module):
             out.append(row)
         return out
 
+    def check_prompt_lengths(self, prompts: Sequence[str], what: str = "prompts") -> None:
+        """Fail before any training when prompts exceed max_prompt_tokens under policy "error", naming how
+        many and the longest, instead of stopping on the first such batch mid-run."""
+        if self.long_prompt_policy != "error" or not prompts:
+            return
+        lengths = [len(row) for row in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+        over = [n for n in lengths if n > self.max_prompt_tokens]
+        if over:
+            raise KTMError(
+                f"{len(over)} of {len(lengths)} {what} are longer than the limit of {self.max_prompt_tokens} tokens (longest {max(over)})",
+                "raise model.max_prompt_tokens, set model.long_prompt_policy=truncate_left (counted), or cap the data "
+                "(e.g. data.benchmark_args.max_old_chars for commitpack)")
+
     def tokenize_targets(self, targets: Sequence[str], add_eos: bool = True) -> list[list[int]]:
         ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
         return [row + [self.eos_id] if add_eos else row for row in ids]

@@ -271,15 +271,17 @@ def test_prompt_longer_than_the_context(tmp_path, capsys):
     write_lines(folder / "train.jsonl", [json.dumps(commit_row(i, long_file if i == 12 else None)) for i in range(10, 16)])
     assert main(commitpack_args(tmp_path)) == 2
     line = error_line(capsys)
-    assert "tokens, more than the limit of 2048" in line
-    assert "-> shorten it, or set model.long_prompt_policy=truncate_left (counted in the metrics)" in line
+    # Found before the first training step, with how many and the longest, not on the first such batch.
+    assert "1 of 5 train prompts of data stage 'all' are longer than the limit of 2048 tokens (longest " in line
+    assert "-> raise model.max_prompt_tokens, set model.long_prompt_policy=truncate_left (counted)" in line
 
 
 def test_long_prompt_policy_error_and_truncate_left(tmp_path, capsys):
     args = ["fit", "--exp", "tree_k4", "--model.base=config:tiny-llama", "--root", str(tmp_path / "runs"),
             "--model.ks=[2]", "--data.k_schedule=[2]", "--model.max_prompt_tokens=40", *TINY_DATA]
     assert main([*args, "--run", "err"]) == 2
-    assert "more than the limit of 40 -> shorten it, or set model.long_prompt_policy=truncate_left" in error_line(capsys)
+    assert "train prompts of data stage 'small' are longer than the limit of 40 tokens" in error_line(capsys)
+    assert not list((tmp_path / "runs" / "tree_k4" / "err").rglob("*.ckpt"))  # refused before training
     assert main([*args, "--run", "cut", "--model.long_prompt_policy=truncate_left"]) == 0
     metrics = json.loads((tmp_path / "runs" / "tree_k4" / "cut" / "metrics.json").read_text())
     assert metrics["truncated_prompts"] >= 16  # every tree prompt is longer than 40 tokens; none silent

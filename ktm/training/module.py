@@ -95,10 +95,19 @@ class KTMModule(L.LightningModule):
             raise KTMError(f"data.k_schedule uses K={bad} but model.ks is {self.model.ks}", "add those K to model.ks")
         if self.task == "classification":
             self._label_ids = self.model.label_token_ids(self.labels)
+        self._check_lengths(dm, stage)
         if not len(self.metrics):
             n = len(self.labels) if self.task == "classification" else 0
             for split in ("val", "test"):
                 self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in self.eval_ks})
+
+    def _check_lengths(self, dm, stage: str) -> None:
+        """All prompts this call will see (every stage's full splits: training resamples each epoch)."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        for data_stage in dm.stages:
+            for split in splits:
+                examples = getattr(dm.splits(data_stage), split)
+                self.model.check_prompt_lengths([e.prompt for e in examples], f"{split} prompts of data stage {data_stage!r}")
 
     def current_k(self) -> int:
         return self.trainer.datamodule.current_k(default=self.model.ks[-1])
