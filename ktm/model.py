@@ -232,11 +232,15 @@ class KTMModel(nn.Module):
         many and the longest, instead of stopping on the first such batch mid-run."""
         if self.long_prompt_policy != "error" or not prompts:
             return
-        lengths = [len(row) for row in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+        # Only prompts that could be too long get tokenized: a token covers at least one UTF-8 byte for
+        # byte-level BPE and SentencePiece byte fallback (margin for BOS and special tokens), so a run over
+        # 100k long tree prompts does not spend minutes here.
+        suspects = [p for p in prompts if len(p.encode("utf-8")) + 8 > self.max_prompt_tokens]
+        lengths = [len(row) for row in self.tokenizer(suspects, add_special_tokens=True)["input_ids"]] if suspects else []
         over = [n for n in lengths if n > self.max_prompt_tokens]
         if over:
             raise KTMError(
-                f"{len(over)} of {len(lengths)} {what} are longer than the limit of {self.max_prompt_tokens} tokens (longest {max(over)})",
+                f"{len(over)} of {len(prompts)} {what} are longer than the limit of {self.max_prompt_tokens} tokens (longest {max(over)})",
                 "raise model.max_prompt_tokens, set model.long_prompt_policy=truncate_left (counted), or cap the data "
                 "(e.g. data.benchmark_args.max_old_chars for commitpack)")
 

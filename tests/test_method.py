@@ -144,3 +144,14 @@ def test_bad_k_and_bad_prompts_are_clear(tiny):
         tiny.build_batch([[1, 2, 3]], 3)
     with pytest.raises(KTMError, match="prompt #1 is empty"):
         tiny.tokenize_prompts(["ok", ""])
+
+
+def test_prompt_lengths_are_checked_up_front_with_count_and_longest(tiny):
+    tiny.max_prompt_tokens = 20
+    n_tokens = [len(r) for r in tiny.tokenizer(["a" * 5, "b" * 25, "c" * 40])["input_ids"]]  # byte tokenizer (+ specials)
+    assert n_tokens[0] <= 20 < n_tokens[1] < n_tokens[2]
+    with pytest.raises(KTMError, match=rf"2 of 3 train prompts are longer than the limit of 20 tokens \(longest {n_tokens[2]}\)"):
+        tiny.check_prompt_lengths(["a" * 5, "b" * 25, "c" * 40], "train prompts")
+    tiny.check_prompt_lengths(["a" * 5, "é" * 5], "val prompts")  # within the limit: silent
+    tiny.long_prompt_policy = "truncate_left"
+    tiny.check_prompt_lengths(["c" * 40])  # truncation is allowed (and counted when it happens)
