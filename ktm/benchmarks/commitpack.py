@@ -30,9 +30,9 @@ Sources (option `source`):
   decision is taken once per instance and enters the cache key, so a cache built from the fallback is
   never reused for hub data.
 
-Long inputs (counted in info, never silent): `max_new_chars` drops examples whose target is longer
-(a truncated target would teach the model a file that does not exist; sizes count UTF-8 bytes, see text_size). `max_old_chars` either drops the
-example (`long_policy="drop"`) or cuts the old file at a line boundary (`"truncate"`). The cut is
+Long inputs (counted in info, never silent; sizes count UTF-8 bytes, see text_size): `max_new_chars`
+drops examples whose target is longer (a truncated target would teach the model a file that does not
+exist). `max_old_chars` either drops the example (`long_policy="drop"`) or cuts the old file at a line boundary (`"truncate"`). The cut is
 from the end by default (`truncate_side="right"`, keeping the head): the target starts with the head
 of the new file, so the kept old head lines up with the first target tokens the rest is conditioned
 on, and a file's head holds the imports and definitions the rest refers to. `truncate_side="left"`
