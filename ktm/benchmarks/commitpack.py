@@ -32,8 +32,8 @@ Sources (option `source`):
 
 Long inputs (counted in info, never silent; sizes count UTF-8 bytes, see text_size): `max_new_chars`
 drops examples whose target is longer (a truncated target would teach the model a file that does not
-exist). `max_old_chars` either drops the example (`long_policy="drop"`) or cuts the old file at a line boundary (`"truncate"`). The cut is
-from the end by default (`truncate_side="right"`, keeping the head): the target starts with the head
+exist). `max_old_chars` either drops the example (`long_policy="drop"`) or cuts the old file at a line
+boundary (`"truncate"`). The cut is from the end by default (`truncate_side="right"`, keeping the head): the target starts with the head
 of the new file, so the kept old head lines up with the first target tokens the rest is conditioned
 on, and a file's head holds the imports and definitions the rest refers to. `truncate_side="left"`
 keeps the end of the file instead. Rows whose old and new contents are equal are dropped (counted).
