@@ -22,6 +22,13 @@ from ktm.errors import DiskFullError, KTMError
 SIDECAR = ".sha256"
 
 
+def text_size(text: str) -> int:
+    """Size of a text for length caps: UTF-8 bytes. Equal to characters for ASCII, and an upper bound on the
+    tokens of byte-level BPE (and SentencePiece byte fallback), so non-Latin text (3-4 tokens per character)
+    cannot slip past a cap meant to bound a length in tokens."""
+    return len(text.encode("utf-8"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

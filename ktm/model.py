@@ -232,10 +232,11 @@ class KTMModel(nn.Module):
         many and the longest, instead of stopping on the first such batch mid-run."""
         if self.long_prompt_policy != "error" or not prompts:
             return
-        # Only prompts that could be too long get tokenized: a token covers at least one UTF-8 byte for
-        # byte-level BPE and SentencePiece byte fallback (margin for BOS and special tokens), so a run over
-        # 100k long tree prompts does not spend minutes here.
-        suspects = [p for p in prompts if len(p.encode("utf-8")) + 8 > self.max_prompt_tokens]
+        from ktm.io import text_size
+
+        # Only prompts that could be too long get tokenized (text_size bounds the token count; margin for
+        # BOS and special tokens), so a run over 100k long tree prompts does not spend minutes here.
+        suspects = [p for p in prompts if text_size(p) + 8 > self.max_prompt_tokens]
         lengths = [len(row) for row in self.tokenizer(suspects, add_special_tokens=True)["input_ids"]] if suspects else []
         over = [n for n in lengths if n > self.max_prompt_tokens]
         if over:

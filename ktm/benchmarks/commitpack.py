@@ -56,7 +56,7 @@ from typing import Any, Iterable
 from ktm.benchmarks import common
 from ktm.benchmarks.common import Benchmark, Example, Splits, register
 from ktm.errors import KTMError
-from ktm.io import read_jsonl, sha256_file, write_jsonl
+from ktm.io import read_jsonl, sha256_file, text_size, write_jsonl
 
 log = logging.getLogger("ktm")
 
@@ -92,13 +92,6 @@ def format_prompt(old_contents: str, subject: str) -> str:
     """The one place the prompt layout lives (see the module docstring). The target is new_contents."""
     old = old_contents if old_contents.endswith("\n") or not old_contents else old_contents + "\n"
     return f"{INSTRUCTION}\nOld Content:\n{old}Instructions:\n{subject.strip()}\nNew Content:\n"
-
-
-def text_size(text: str) -> int:
-    """Size of a text for the caps: UTF-8 bytes. Equal to characters for ASCII code, and an upper bound on
-    the tokens of byte-level BPE tokenizers, so a file of non-Latin text (3-4 tokens per character)
-    cannot slip past a cap meant to bound the prompt's length in tokens."""
-    return len(text.encode("utf-8"))
 
 
 def truncate_text(text: str, max_chars: int, side: str = "right") -> str:
