@@ -157,6 +157,8 @@ def test_help_still_works(capsys):
     ("--model.lr_lora=-0.1", "model.lr_lora must be a number >= 0, got -0.1"),
     ("--model.lora.dropout=1.5", "model.lora.dropout must be in [0, 1), got 1.5"),
     ("--data.k_schedule=[0]", "data.k_schedule has an invalid K 0"),
+    ("--data.k_schedule=[1,[2,0]]", "data.k_schedule has an invalid K 0"),
+    ("--data.k_schedule=[1,[]]", "data.k_schedule has an empty mixed entry"),
     ("--data.max_train_examples=-3", "data.max_train_examples must be a whole number >= 1 or null, got -3"),
     ("--trainer.max_epochs=-2x", "bad value for trainer.max_epochs: '-2x' is not a whole number or null"),
 ])

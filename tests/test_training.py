@@ -55,6 +55,24 @@ def test_k_schedule_by_epoch():
     assert ks == [1, 1, 2, 2, 4, 4, 4]
 
 
+def test_mixed_k_schedule_entry_cycles_by_step_and_is_judged_by_its_largest_k():
+    dm = KTMDataModule(benchmark="tree", k_schedule=[1, [1, 2, 4]])
+    assert dm.schedule_ks() == [1, 2, 4] and dm.current_ks(4) == [1]
+    assert [dm.train_k(step, 4) for step in range(3)] == [1, 1, 1]
+    dm.after_validation({"balanced_accuracy": 0.0}, 1)
+    assert [dm.train_k(step, 4) for step in range(100, 106)] == [2, 4, 1, 2, 4, 1]  # global step, not batch index
+    assert dm.current_k(4) == 4
+
+
+def test_fit_with_a_mixed_k_entry_trains_and_times_each_k(tmp_path):
+    root = str(tmp_path / "runs")
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "mix", "--trainer.max_epochs=1", *TINY,
+                 "--model.ks=[1,2]", "--data.k_schedule=[[1,2]]"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "tree_k4" / "mix" / "metrics.json").read_text())
+    assert set(metrics["speed"]) == {"k1", "k2"} and metrics["curriculum"]["k"] == 2
+    assert metrics["curriculum"]["k_schedule"] == [[1, 2]]
+
+
 def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
     root = str(tmp_path / "runs")
     common = ["--exp", "tree_k4", "--root", root, "--run", "r1", "--trainer.max_epochs=2", *TINY]

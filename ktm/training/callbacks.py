@@ -29,38 +29,41 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 
 class Throughput(L.Callback):
-    """Training samples/s and prompt tokens/s (original and merged), logged per K."""
+    """Training samples/s and prompt tokens/s (original and merged), logged per K.
+
+    Time is summed per K over the training batches themselves (fetch to optimizer step), so steps of a
+    mixed K schedule are attributed to their own K and validation time never counts."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.every = log_every_n_steps
-        self._t = None
-        self._acc = [0, 0, 0]  # prompt tokens, merged tokens, samples
+        self._t = 0.0
+        self._acc: dict[int, list[float]] = {}  # K -> [seconds, prompt tokens, merged tokens, samples]
         self.summary: dict[str, dict[str, float]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t is None:
-            self._t = time.perf_counter()
+        self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens = getattr(pl_module, "_tokens", None)
         if tokens is None:
             return
-        for i, v in enumerate(tokens):
-            self._acc[i] += v
+        k, *counts = tokens
+        acc = self._acc.setdefault(k, [0.0, 0, 0, 0])
+        acc[0] += time.perf_counter() - self._t
+        for i, v in enumerate(counts, start=1):
+            acc[i] += v
         if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == trainer.num_training_batches:
             self._flush(pl_module)
 
     def _flush(self, pl_module) -> None:
-        dt = time.perf_counter() - self._t
-        k = pl_module.current_k()
-        stats = {"samples_per_s": self._acc[2] / dt, "prompt_tokens_per_s": self._acc[0] / dt, "merged_tokens_per_s": self._acc[1] / dt}
-        for name, value in stats.items():
-            pl_module.log(f"speed/k{k}/{name}", value, rank_zero_only=True)
-        self.summary[f"k{k}"] = stats
-        self._t, self._acc = time.perf_counter(), [0, 0, 0]
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._t, self._acc = None, [0, 0, 0]  # do not count evaluation time as training time
+        for k, (dt, prompt, merged, samples) in self._acc.items():
+            if dt <= 0:
+                continue
+            stats = {"samples_per_s": samples / dt, "prompt_tokens_per_s": prompt / dt, "merged_tokens_per_s": merged / dt}
+            for name, value in stats.items():
+                pl_module.log(f"speed/k{k}/{name}", value, rank_zero_only=True)
+            self.summary[f"k{k}"] = stats
+        self._acc = {}
 
 
 class RunOutputs(L.Callback):

@@ -7,6 +7,9 @@ Reaching the final threshold on the last stage stops training.
 
 K curriculum: `k_schedule` lists the K values in order (e.g. [1, 2, 4]). With `k_advance: epoch`
 each K lasts `epochs_per_k` epochs; with `k_advance: stage` stage i uses the i-th K. The last K stays.
+An entry may be a list of K ("mixed", e.g. [1, [1, 4]]): optimizer steps cycle through its K, so one
+LoRA keeps serving every K of the entry (the K=1 row stays a same-budget uncompressed baseline instead
+of being forgotten). The curriculum judges a mixed entry by its largest K.
 The state (stage, K, rounds) is saved in checkpoints, so a resumed run continues where it stopped.
 
 Exact resume: the training order is a permutation drawn from a seed fixed by (data seed, stage, epoch)
@@ -129,9 +132,13 @@ def check_data_args(**h: Any) -> None:
     if ks is not None:
         if isinstance(ks, (str, bytes)) or not isinstance(ks, (list, tuple)):
             raise KTMError(f"data.k_schedule must be a list of K values or null, got {ks!r}", "set it to e.g. [1, 2, 4]")
-        for k in ks:
-            if not _whole(k) or k < 1:
-                raise KTMError(f"data.k_schedule has an invalid K {k!r}", "K values are whole numbers >= 1, e.g. [1, 2, 4]")
+        for entry in ks:
+            mixed = entry if isinstance(entry, (list, tuple)) else [entry]
+            if not mixed:
+                raise KTMError("data.k_schedule has an empty mixed entry []", "a mixed entry lists its K, e.g. [1, [1, 4]]")
+            for k in mixed:
+                if not _whole(k) or k < 1:
+                    raise KTMError(f"data.k_schedule has an invalid K {k!r}", "K values are whole numbers >= 1, e.g. [1, 2, 4] or [1, [1, 4]]")
     stages = h.get("stages")
     if stages is not None and (isinstance(stages, (str, bytes)) or not isinstance(stages, (list, tuple)) or not stages):
         raise KTMError(f"data.stages must be a non-empty list of stage names or null, got {stages!r}", "set it to e.g. [small]")
@@ -151,7 +158,7 @@ class KTMDataModule(L.LightningDataModule):
         benchmark: str = "tree",
         benchmark_args: dict[str, Any] | None = None,
         stages: list[str] | None = None,
-        k_schedule: list[int] | None = None,
+        k_schedule: list[int | list[int]] | None = None,
         k_advance: Literal["epoch", "stage"] = "epoch",
         epochs_per_k: int = 1,
         advance_metric: Literal["accuracy", "balanced_accuracy"] = "balanced_accuracy",
@@ -173,7 +180,8 @@ class KTMDataModule(L.LightningDataModule):
             benchmark: registered benchmark name (tree, amazon, rotten_tomatoes, commitpack).
             benchmark_args: options passed to the benchmark (its sizes, sources, paths).
             stages: data stages to train on, in order (default: the benchmark's first stage).
-            k_schedule: K values in curriculum order, e.g. [1, 2, 4] (default: the model's largest K).
+            k_schedule: K values in curriculum order, e.g. [1, 2, 4] (default: the model's largest K); an entry
+                may be a list, e.g. [1, [1, 4]], whose K alternate step by step ("mixed").
             k_advance: "epoch" (K changes every `epochs_per_k` epochs) or "stage" (with the data stage).
             epochs_per_k: epochs per K entry when k_advance is "epoch".
             advance_metric: validation metric (at the current K) that moves the data stage on.
@@ -197,7 +205,7 @@ class KTMDataModule(L.LightningDataModule):
         bad = [s for s in self.stages if s not in self.benchmark.stages]
         if bad:
             raise KTMError(f"unknown stage(s) {bad} for benchmark {benchmark!r}", f"use some of: {', '.join(self.benchmark.stages)}")
-        self.k_schedule = list(k_schedule) if k_schedule else []
+        self.k_schedule = [list(e) if isinstance(e, (list, tuple)) else e for e in k_schedule] if k_schedule else []
         self.stage_index = 0
         self.rounds_in_stage = 0
         self.epochs_done = 0
@@ -209,14 +217,30 @@ class KTMDataModule(L.LightningDataModule):
     def stage(self) -> str:
         return self.stages[self.stage_index]
 
-    def current_k(self, default: int) -> int:
+    def schedule_ks(self) -> list[int]:
+        """Every K the schedule uses (mixed entries flattened), sorted."""
+        return sorted({k for e in self.k_schedule for k in (e if isinstance(e, list) else [e])})
+
+    def current_ks(self, default: int) -> list[int]:
+        """The K of the current schedule entry (one, or several for a mixed entry)."""
         if not self.k_schedule:
-            return default
+            return [default]
         if self.hparams.k_advance == "stage":
             i = self.stage_index
         else:
             i = self.epochs_done // self.hparams.epochs_per_k
-        return self.k_schedule[min(i, len(self.k_schedule) - 1)]
+        entry = self.k_schedule[min(i, len(self.k_schedule) - 1)]
+        return list(entry) if isinstance(entry, list) else [entry]
+
+    def current_k(self, default: int) -> int:
+        """The K the curriculum judges (the largest of a mixed entry)."""
+        return max(self.current_ks(default))
+
+    def train_k(self, step: int, default: int) -> int:
+        """K of optimizer step `step`: a mixed entry cycles through its K (global step, so resume and
+        every DDP rank agree)."""
+        ks = self.current_ks(default)
+        return ks[step % len(ks)]
 
     def k_schedule_done(self) -> bool:
         """True once the K curriculum sits at its last entry (training may only finish then)."""

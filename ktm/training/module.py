@@ -1,6 +1,6 @@
 """KTMModule: the LightningModule around KTMModel (frozen base + LoRA + merge encoders).
 
-Train: loss on answer tokens only, at the curriculum's current K. Validate/test: every K in `eval_ks`
+Train: loss on answer tokens only, at the curriculum's K for this step. Validate/test: every K in `eval_ks`
 on the same examples, so TensorBoard compares K side by side (`val/k4/accuracy`, `val/k1/perplexity`).
 Checkpoints hold only the trainable weights (LoRA + encoders) plus the base's fingerprint; the frozen
 base is loaded from its source, and a checkpoint of another base is refused.
@@ -90,7 +90,7 @@ class KTMModule(L.LightningModule):
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
         self.task, self.labels = dm.benchmark.task, tuple(dm.benchmark.labels)
-        bad = [k for k in dm.k_schedule if k not in self.model.ks]
+        bad = [k for k in dm.schedule_ks() if k not in self.model.ks]
         if bad:
             raise KTMError(f"data.k_schedule uses K={bad} but model.ks is {self.model.ks}", "add those K to model.ks")
         if self.task == "classification":
@@ -119,7 +119,7 @@ class KTMModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        k = self.current_k()
+        k = self.trainer.datamodule.train_k(self.trainer.global_step, default=self.model.ks[-1])
         b = self._batch(batch, k)
         nll, counts, _ = self.model.target_nll(b)
         loss = nll.sum() / counts.sum().clamp(min=1)
@@ -127,7 +127,7 @@ class KTMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
-        self._tokens = (int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
+        self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
