@@ -31,8 +31,9 @@ def run_dir(trainer: L.Trainer) -> Path:
 class Throughput(L.Callback):
     """Training samples/s and prompt tokens/s (original and merged), logged per K.
 
-    Time is summed per K over the training batches themselves (fetch to optimizer step), so steps of a
-    mixed K schedule are attributed to their own K and validation time never counts."""
+    Time is summed per K from each batch's start to the end of its optimizer step, so the steps of a
+    mixed K schedule count for their own K, and validation never counts (nor loading, which here only
+    hands out text)."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.every = log_every_n_steps

@@ -206,6 +206,7 @@ class KTMDataModule(L.LightningDataModule):
         if bad:
             raise KTMError(f"unknown stage(s) {bad} for benchmark {benchmark!r}", f"use some of: {', '.join(self.benchmark.stages)}")
         self.k_schedule = [list(e) if isinstance(e, (list, tuple)) else e for e in k_schedule] if k_schedule else []
+        self._k_entries = [e if isinstance(e, list) else [e] for e in self.k_schedule]  # every entry as a list of K
         self.stage_index = 0
         self.rounds_in_stage = 0
         self.epochs_done = 0
@@ -219,18 +220,17 @@ class KTMDataModule(L.LightningDataModule):
 
     def schedule_ks(self) -> list[int]:
         """Every K the schedule uses (mixed entries flattened), sorted."""
-        return sorted({k for e in self.k_schedule for k in (e if isinstance(e, list) else [e])})
+        return sorted({k for entry in self._k_entries for k in entry})
 
     def current_ks(self, default: int) -> list[int]:
         """The K of the current schedule entry (one, or several for a mixed entry)."""
-        if not self.k_schedule:
+        if not self._k_entries:
             return [default]
         if self.hparams.k_advance == "stage":
             i = self.stage_index
         else:
             i = self.epochs_done // self.hparams.epochs_per_k
-        entry = self.k_schedule[min(i, len(self.k_schedule) - 1)]
-        return list(entry) if isinstance(entry, list) else [entry]
+        return self._k_entries[min(i, len(self._k_entries) - 1)]
 
     def current_k(self, default: int) -> int:
         """The K the curriculum judges (the largest of a mixed entry)."""
