@@ -44,10 +44,15 @@ class MergeEncoder(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)  # output == mean at init
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+    def parts(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, learned correction) of each block; the output is their sum. The correction is 0 at init."""
         if blocks.shape[-1] != self.d:  # (..., K*d) -> (..., K, d): a view, no copy
             blocks = blocks.unflatten(-1, (self.k, self.d))
         if self.mlp is None:
-            return blocks.squeeze(-2)
+            return blocks.squeeze(-2), None
         mean = blocks.mean(dim=-2)
-        return mean + self.mlp(blocks.flatten(-2).to(self.mlp[0].weight.dtype)).to(mean.dtype)
+        return mean, self.mlp(blocks.flatten(-2).to(self.mlp[0].weight.dtype)).to(mean.dtype)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        mean, correction = self.parts(blocks)
+        return mean if correction is None else mean + correction

@@ -262,19 +262,38 @@ class KTMModel(nn.Module):
             raise KTMError(f"this model has no encoder for K={k} (it has K in {self.ks})", f"use one of K={self.ks} or train with K={k}")
         return self.encoders[str(k)]
 
+    def _blocks(self, prompt_ids: Sequence[Sequence[int]], k: int):
+        """Token embeddings (B, n_max, d), each prompt's (head, blocks, tail) layout, and all K-blocks of
+        the batch stacked (sum m_i, K, d), so the encoder runs once per batch."""
+        lengths = [len(p) for p in prompt_ids]
+        padded = torch.full((len(prompt_ids), max(lengths)), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        emb = self.embed(padded.to(self.embed.weight.device))  # one lookup for the whole batch
+        layouts = [block_layout(n, k, self.keep_tail) for n in lengths]
+        bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
+        blocks = bodies[0] if len(bodies) == 1 else torch.cat(bodies)  # one prompt: a view, no copy
+        return emb, layouts, blocks
+
+    @torch.no_grad()
+    def correction_ratio(self, prompt_ids: Sequence[Sequence[int]], k: int) -> float:
+        """How far the K merge encoder has moved from the plain mean on these prompts: mean norm of its
+        learned correction over mean norm of the block means (0 at init, 0 for K=1).
+
+        A healthy encoder stays around 1 or below. Far above (tens, hundreds) the correction swamps the
+        token information and merged training stalls at chance: the encoder's learning rate is too high.
+        """
+        if k == 1:
+            return 0.0
+        _, _, blocks = self._blocks(prompt_ids, k)
+        mean, correction = self._encoder(k).parts(blocks)
+        return float(correction.norm(dim=-1).mean() / mean.norm(dim=-1).mean().clamp(min=1e-12))
+
     def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None) -> Batch:
         encoder = self._encoder(k)
         device = self.embed.weight.device
         lengths = [len(p) for p in prompt_ids]
-        n_max = max(lengths)
-        padded = torch.full((len(prompt_ids), n_max), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-        emb = self.embed(padded.to(device))  # one lookup for the whole batch
-        layouts = [block_layout(n, k, self.keep_tail) for n in lengths]
-        # All blocks of the batch go through the encoder in one call: (sum m_i, K, d) -> (sum m_i, d).
-        bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
-        blocks = bodies[0] if len(bodies) == 1 else torch.cat(bodies)  # one prompt: a view, no copy
+        emb, layouts, blocks = self._blocks(prompt_ids, k)
         merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
         target_emb = None
         if target_ids is not None:

@@ -22,6 +22,21 @@ def test_encoder_is_the_mean_at_init(k):
     torch.testing.assert_close(enc(blocks.flatten(-2)), blocks.mean(1))  # (.., K*d) input too
 
 
+def test_correction_ratio_is_zero_at_init_and_measures_the_learned_part(tiny):
+    ids = tiny.tokenize_prompts(PROMPTS)
+    last = tiny.encoders["2"].mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()  # the fixture perturbs it; back to the init state
+    assert tiny.correction_ratio(ids, 2) == 0.0 and tiny.correction_ratio(ids, 1) == 0.0
+    with torch.no_grad():
+        last.bias.fill_(1.0)  # the correction is now the constant vector of ones: norm sqrt(d)
+    _, _, blocks = tiny._blocks(ids, 2)
+    expected = tiny.hidden_size ** 0.5 / float(blocks.mean(1).norm(dim=-1).mean())
+    assert tiny.correction_ratio(ids, 2) == pytest.approx(expected, rel=1e-5)
+    mean, correction = tiny.encoders["2"].parts(blocks)
+    torch.testing.assert_close(tiny.encoders["2"](blocks), mean + correction)
+
+
 def test_encoder_k1_is_identity_and_paper_sizes():
     enc = MergeEncoder(1, 8)
     x = torch.randn(3, 1, 8)

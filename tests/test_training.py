@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -73,6 +74,18 @@ def test_fit_with_a_mixed_k_entry_trains_and_times_each_k(tmp_path):
     assert metrics["curriculum"]["k_schedule"] == [[1, 2]]
 
 
+def test_a_diverging_encoder_is_named_with_the_fix(tmp_path, caplog):
+    root = str(tmp_path / "runs")
+    logging.getLogger("ktm").addHandler(caplog.handler)  # main() sets up ktm's own log handler
+    try:
+        assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "hot", "--trainer.max_epochs=1", *TINY,
+                     "--model.ks=[2]", "--data.k_schedule=[2]", "--model.lr_encoder=1.0"]) == 0
+    finally:
+        logging.getLogger("ktm").removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if "merge encoder" in r.getMessage()]
+    assert len(warnings) == 1 and "K=2" in warnings[0] and "lower model.lr_encoder" in warnings[0]  # once per K
+
+
 def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
     root = str(tmp_path / "runs")
     common = ["--exp", "tree_k4", "--root", root, "--run", "r1", "--trainer.max_epochs=2", *TINY]
@@ -101,6 +114,7 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
         tags |= set(acc.Tags()["scalars"])
     assert {"val/k1/accuracy", "val/k2/balanced_accuracy", "val/k2/pl_f1", "test/k2/majority_baseline"} <= tags
     assert any(t.startswith("speed/k2/") for t in tags) and "train/k" in tags
+    assert "train/k2/encoder_correction_ratio" in tags and "train/k1/encoder_correction_ratio" not in tags
 
     # `ktm generate` answers from the exported run
     capsys.readouterr()

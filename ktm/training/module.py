@@ -21,6 +21,7 @@ from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import KTMModel, LoraSettings
 
 log = logging.getLogger("ktm")
+DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
 
 
 class KTMModule(L.LightningModule):
@@ -83,6 +84,7 @@ class KTMModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         self.results: dict[str, dict[int, dict[str, float]]] = {}
         self._label_ids: list[int] = []
+        self._warned_ks: set[int] = set()
 
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -119,16 +121,34 @@ class KTMModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        k = self.trainer.datamodule.train_k(self.trainer.global_step, default=self.model.ks[-1])
-        b = self._batch(batch, k)
+        step = self.trainer.global_step
+        k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
+        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
+        b = self.model.build_batch(prompt_ids, k, self.model.tokenize_targets(batch["targets"]))
         nll, counts, _ = self.model.target_nll(b)
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
+        if k > 1 and step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._watch_encoder(prompt_ids, k, bs)
         self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
+
+    def _watch_encoder(self, prompt_ids: list[list[int]], k: int, bs: int) -> None:
+        """Log how far the K encoder has moved from the plain mean; warn once if it is diverging.
+
+        At lr 1e-3 the paper-sized K=4 encoder's correction grew to ~200x the block mean within a few
+        hundred steps on tree and K=4 stayed at chance; at 1e-4 it stayed below 1 and K=4 learned.
+        """
+        ratio = self.model.correction_ratio(prompt_ids, k)
+        self.log(f"train/k{k}/encoder_correction_ratio", ratio, batch_size=bs)
+        if ratio > DIVERGING_ENCODER and k not in self._warned_ks:
+            self._warned_ks.add(k)
+            log.warning("the K=%d merge encoder's learned correction is %.0fx the mean of its tokens "
+                        "(train/k%d/encoder_correction_ratio): it is diverging and K=%d will likely stay at chance; "
+                        "lower model.lr_encoder (e.g. to 1e-4)", k, ratio, k, k)
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         labels = None
