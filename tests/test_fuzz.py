@@ -8,11 +8,8 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from functools import lru_cache
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

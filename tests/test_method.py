@@ -7,7 +7,7 @@ import torch
 
 from ktm.encoder import MergeEncoder, hidden_size
 from ktm.errors import KTMError
-from ktm.model import KTMModel, LoraSettings, block_layout, merged_length
+from ktm.model import KTMModel, block_layout, merged_length
 
 PROMPTS = ["Tree: ab\n+cd, Task: Parent/Child Relationship, Parent: ab, Child: cd, Answer: ",
            "hi", "abc", "abcd", "abcde", "a much longer prompt than the others, with several words in it"]

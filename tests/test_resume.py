@@ -9,7 +9,6 @@ known point (mid-epoch, after a periodic checkpoint) instead of wherever the sch
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess

@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -74,15 +73,37 @@ def test_fit_with_a_mixed_k_entry_trains_and_times_each_k(tmp_path):
     assert metrics["curriculum"]["k_schedule"] == [[1, 2]]
 
 
-def test_a_diverging_encoder_is_named_with_the_fix(tmp_path, caplog):
+def test_encoder_learning_rate_per_k():
+    from ktm.errors import KTMError
+    from ktm.training.module import KTMModule
+
+    module = KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={2: 1e-3, "4": 1e-4})  # '4': as config.yaml writes it
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    assert (groups["encoder_k2"]["lr"], groups["encoder_k4"]["lr"], groups["lora"]["lr"]) == (1e-3, 1e-4, 1e-4)
+    k4 = {id(p) for p in module.model.encoders["4"].parameters()}
+    assert k4 == {id(p) for p in groups["encoder_k4"]["params"]} and not k4 & {id(p) for p in groups["encoder_k2"]["params"]}
+    single = KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder=3e-4)
+    assert [g["name"] for g in single.configure_optimizers()["optimizer"].param_groups] == ["lora", "encoder"]
+    with pytest.raises(KTMError, match=r"model.lr_encoder has K=\[2\] but the merge encoders are K=\[2, 4\]"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={2: 1e-3})
+    with pytest.raises(KTMError, match=r"model.lr_encoder\[4\] must be a number >= 0"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={2: 1e-3, 4: -1.0})
+    with pytest.raises(KTMError, match="has the key 'x', not a K"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={"x": 1e-3})
+
+
+def test_a_diverging_encoder_is_named_with_the_fix(tmp_path):
     root = str(tmp_path / "runs")
-    logging.getLogger("ktm").addHandler(caplog.handler)  # main() sets up ktm's own log handler
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append  # our own handler: caplog would see a record twice while ktm's log propagates
+    logging.getLogger("ktm").addHandler(catch)
     try:
         assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "hot", "--trainer.max_epochs=1", *TINY,
                      "--model.ks=[2]", "--data.k_schedule=[2]", "--model.lr_encoder=1.0"]) == 0
     finally:
-        logging.getLogger("ktm").removeHandler(caplog.handler)
-    warnings = [r.getMessage() for r in caplog.records if "merge encoder" in r.getMessage()]
+        logging.getLogger("ktm").removeHandler(catch)
+    warnings = [r.getMessage() for r in records if "merge encoder" in r.getMessage()]
     assert len(warnings) == 1 and "K=2" in warnings[0] and "lower model.lr_encoder" in warnings[0]  # once per K
 
 

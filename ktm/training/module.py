@@ -32,7 +32,7 @@ class KTMModule(L.LightningModule):
         keep_tail: int = 0,
         lora: LoraSettings = LoraSettings(),  # noqa: B008
         lr_lora: float = 1e-4,
-        lr_encoder: float = 1e-4,
+        lr_encoder: float | dict[int, float] = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         dtype: str = "float32",
@@ -51,7 +51,8 @@ class KTMModule(L.LightningModule):
             keep_tail: last N prompt tokens left unmerged (0 = the paper: merge everything).
             lora: LoRA settings (r=0 disables LoRA).
             lr_lora: AdamW learning rate of the LoRA adapters.
-            lr_encoder: AdamW learning rate of the merge encoders.
+            lr_encoder: AdamW learning rate of the merge encoders: one number for all, or one per K, e.g.
+                {2: 1.0e-3, 4: 1.0e-4} (a larger K's encoder is wider and diverges at a rate a smaller K needs).
             weight_decay: AdamW weight decay (both groups).
             warmup_steps: linear learning-rate warm-up steps, then constant.
             dtype: weights dtype of the base (float32 on CPU; bfloat16 on GPU).
@@ -65,7 +66,10 @@ class KTMModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        for name, value in (("lr_lora", lr_lora), ("lr_encoder", lr_encoder), ("weight_decay", weight_decay)):
+        encoder_lrs = _per_k(lr_encoder) if isinstance(lr_encoder, dict) else {}
+        checks = [("lr_lora", lr_lora), ("weight_decay", weight_decay)]
+        checks += [(f"lr_encoder[{k}]", v) for k, v in encoder_lrs.items()] if encoder_lrs else [("lr_encoder", lr_encoder)]
+        for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise KTMError(f"model.{name} must be a number >= 0, got {value!r}", f"set model.{name} to e.g. 1e-4")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -74,6 +78,11 @@ class KTMModule(L.LightningModule):
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier,
             max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
+        if encoder_lrs:
+            merged_ks = [k for k in self.model.ks if k > 1]
+            if sorted(encoder_lrs) != merged_ks:
+                raise KTMError(f"model.lr_encoder has K={sorted(encoder_lrs)} but the merge encoders are K={merged_ks}",
+                               "give one learning rate per K > 1 of model.ks, or a single number for all")
         self.eval_ks = sorted(set(eval_ks or self.model.ks))
         missing = [k for k in self.eval_ks if k not in self.model.ks]
         if missing:
@@ -148,7 +157,7 @@ class KTMModule(L.LightningModule):
             self._warned_ks.add(k)
             log.warning("the K=%d merge encoder's learned correction is %.0fx the mean of its tokens "
                         "(train/k%d/encoder_correction_ratio): it is diverging and K=%d will likely stay at chance; "
-                        "lower model.lr_encoder (e.g. to 1e-4)", k, ratio, k, k)
+                        "lower model.lr_encoder for it (e.g. {..., %d: 1.0e-4})", k, ratio, k, k, k)
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         labels = None
@@ -209,8 +218,13 @@ class KTMModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         groups = self.model.trainable_parameters()
-        param_groups = [{"params": groups["lora"], "lr": self.hparams.lr_lora, "name": "lora"},
-                        {"params": groups["encoder"], "lr": self.hparams.lr_encoder, "name": "encoder"}]
+        param_groups = [{"params": groups["lora"], "lr": self.hparams.lr_lora, "name": "lora"}]
+        lr_encoder = self.hparams.lr_encoder
+        if isinstance(lr_encoder, dict):  # one group per K (a float keeps the single group older checkpoints have)
+            param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lr, "name": f"encoder_k{k}"}
+                             for k, lr in sorted(_per_k(lr_encoder).items())]
+        else:
+            param_groups.append({"params": groups["encoder"], "lr": lr_encoder, "name": "encoder"})
         param_groups = [g for g in param_groups if g["params"]]
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
@@ -237,6 +251,16 @@ class KTMModule(L.LightningModule):
                     f"checkpoint was trained with {key}={str(saved.get(key))[:40]}, this run has {str(mine.get(key))[:40]}",
                     "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
         self.model.truncated_prompts = checkpoint.get("ktm_counts", {}).get("truncated_prompts", 0)
+
+
+def _per_k(values: dict) -> dict[int, Any]:
+    """{K: value} with whole-number keys; a saved config.yaml writes them as strings ('4': 1.0e-4)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1:
+            raise KTMError(f"model.lr_encoder has the key {key!r}, not a K", "write it as {2: 1.0e-3, 4: 1.0e-4}")
+        out[int(key)] = value
+    return out
 
 
 def line_similarity(a: str, b: str) -> float:
