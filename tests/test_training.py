@@ -84,8 +84,10 @@ def test_encoder_learning_rate_per_k():
     assert k4 == {id(p) for p in groups["encoder_k4"]["params"]} and not k4 & {id(p) for p in groups["encoder_k2"]["params"]}
     single = KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder=3e-4)
     assert [g["name"] for g in single.configure_optimizers()["optimizer"].param_groups] == ["lora", "encoder"]
-    with pytest.raises(KTMError, match=r"model.lr_encoder has K=\[2\] but the merge encoders are K=\[2, 4\]"):
+    with pytest.raises(KTMError, match=r"model.lr_encoder gives no learning rate for the K=\[4\] merge encoder"):
         KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={2: 1e-3})
+    fewer = KTMModule(base="config:tiny-llama", ks=[1, 2], lr_encoder={2: 1e-3, 4: 1e-4})  # e.g. --model.ks=[1,2] on tree_k4
+    assert [g["name"] for g in fewer.configure_optimizers()["optimizer"].param_groups] == ["lora", "encoder_k2"]
     with pytest.raises(KTMError, match=r"model.lr_encoder\[4\] must be a number >= 0"):
         KTMModule(base="config:tiny-llama", ks=[1, 2, 4], lr_encoder={2: 1e-3, 4: -1.0})
     with pytest.raises(KTMError, match="has the key 'x', not a K"):

@@ -78,10 +78,10 @@ class KTMModule(L.LightningModule):
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier,
             max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
-        if encoder_lrs:
-            merged_ks = [k for k in self.model.ks if k > 1]
-            if sorted(encoder_lrs) != merged_ks:
-                raise KTMError(f"model.lr_encoder has K={sorted(encoder_lrs)} but the merge encoders are K={merged_ks}",
+        if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
+            missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
+            if missing:
+                raise KTMError(f"model.lr_encoder gives no learning rate for the K={missing} merge encoder (it has K={sorted(encoder_lrs)})",
                                "give one learning rate per K > 1 of model.ks, or a single number for all")
         self.eval_ks = sorted(set(eval_ks or self.model.ks))
         missing = [k for k in self.eval_ks if k not in self.model.ks]
@@ -222,7 +222,7 @@ class KTMModule(L.LightningModule):
         lr_encoder = self.hparams.lr_encoder
         if isinstance(lr_encoder, dict):  # one group per K (a float keeps the single group older checkpoints have)
             param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lr, "name": f"encoder_k{k}"}
-                             for k, lr in sorted(_per_k(lr_encoder).items())]
+                             for k, lr in sorted(_per_k(lr_encoder).items()) if k in self.model.ks]
         else:
             param_groups.append({"params": groups["encoder"], "lr": lr_encoder, "name": "encoder"})
         param_groups = [g for g in param_groups if g["params"]]
