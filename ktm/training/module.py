@@ -94,6 +94,7 @@ class KTMModule(L.LightningModule):
         self.results: dict[str, dict[int, dict[str, float]]] = {}
         self._label_ids: list[int] = []
         self._warned_ks: set[int] = set()
+        self._encoder_lrs = encoder_lrs  # {K: lr}, empty when one lr serves all encoders
 
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -124,16 +125,15 @@ class KTMModule(L.LightningModule):
         return self.trainer.datamodule.current_k(default=self.model.ks[-1])
 
     def _batch(self, batch: dict[str, Any], k: int):
+        """(prompt token ids, the merged Batch with the targets)."""
         prompt_ids = self.model.tokenize_prompts(batch["prompts"])
-        target_ids = self.model.tokenize_targets(batch["targets"])
-        return self.model.build_batch(prompt_ids, k, target_ids)
+        return prompt_ids, self.model.build_batch(prompt_ids, k, self.model.tokenize_targets(batch["targets"]))
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
-        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
-        b = self.model.build_batch(prompt_ids, k, self.model.tokenize_targets(batch["targets"]))
+        prompt_ids, b = self._batch(batch, k)
         nll, counts, _ = self.model.target_nll(b)
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
@@ -164,7 +164,7 @@ class KTMModule(L.LightningModule):
         if self.task == "classification":
             labels = torch.tensor([self.labels.index(y) for y in batch["labels"]], device=self.device)
         for k in self.eval_ks:
-            b = self._batch(batch, k)
+            _, b = self._batch(batch, k)
             nll, counts, answer_logits = self.model.target_nll(b)
             preds = answer_logits[:, self._label_ids].argmax(-1) if labels is not None else None
             self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels)
@@ -219,12 +219,11 @@ class KTMModule(L.LightningModule):
     def configure_optimizers(self):
         groups = self.model.trainable_parameters()
         param_groups = [{"params": groups["lora"], "lr": self.hparams.lr_lora, "name": "lora"}]
-        lr_encoder = self.hparams.lr_encoder
-        if isinstance(lr_encoder, dict):  # one group per K (a float keeps the single group older checkpoints have)
+        if self._encoder_lrs:  # one group per K (one lr keeps the single group older checkpoints have)
             param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lr, "name": f"encoder_k{k}"}
-                             for k, lr in sorted(_per_k(lr_encoder).items()) if k in self.model.ks]
+                             for k, lr in sorted(self._encoder_lrs.items()) if k in self.model.ks]
         else:
-            param_groups.append({"params": groups["encoder"], "lr": lr_encoder, "name": "encoder"})
+            param_groups.append({"params": groups["encoder"], "lr": self.hparams.lr_encoder, "name": "encoder"})
         param_groups = [g for g in param_groups if g["params"]]
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
