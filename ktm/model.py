@@ -29,6 +29,7 @@ from torch import nn
 
 from ktm.encoder import MergeEncoder, hidden_size
 from ktm.errors import KTMError
+from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
 
 log = logging.getLogger("ktm")
 
@@ -232,8 +233,6 @@ class KTMModel(nn.Module):
         many and the longest, instead of stopping on the first such batch mid-run."""
         if self.long_prompt_policy != "error" or not prompts:
             return
-        from ktm.io import text_size
-
         # Only prompts that could be too long get tokenized (text_size bounds the token count; margin for
         # BOS and special tokens), so a run over 100k long tree prompts does not spend minutes here.
         suspects = [p for p in prompts if text_size(p) + 8 > self.max_prompt_tokens]
@@ -443,8 +442,6 @@ class KTMModel(nn.Module):
         Ctrl-C or full disk never leaves a half-written file or a mix of two saves."""
         from safetensors.torch import save as safetensors_bytes
 
-        from ktm.io import SIDECAR, atomic_dir, sha256_file, write_bytes, write_json, write_text
-
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.encoders.state_dict().items()}
             if state:
@@ -464,7 +461,6 @@ class KTMModel(nn.Module):
         from safetensors.torch import load_file
 
         from ktm.base import base_fingerprint, load_base
-        from ktm.io import interrupted_save, read_json, verify
 
         directory = Path(directory)
         if not directory.is_dir():
