@@ -7,24 +7,55 @@ TORCH_SPEC ?= torch==2.13.0
 EXP        ?= tree_k4
 RUN        ?= default
 K          ?= 1 2 4
+SEEDS      ?=
 ARGS       ?=
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
+# The fair uncompressed reference: the same experiment and budget, trained at K=1 only. One encoder lr
+# (unused at K=1) because a per-K dict in the experiment would name encoders that no longer exist.
+REFERENCE_ARGS := --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001
 
-.PHONY: install train test test-fast bench sweep tensorboard data clean-runs
+# $(call fit_test,RUN,EXTRA): fit + test checkpoints/$(EXP)/RUN with EXTRA before $(ARGS) (ARGS wins).
+# One shell line so it can sit in a loop; ARGS is not a call argument since its commas ([1,2]) would split it.
+fit_test = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) && \
+  $(BIN)/ktm test --config checkpoints/$(EXP)/$(1)/config.yaml --ckpt_path checkpoints/$(EXP)/$(1)/checkpoints/last.ckpt
+# $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the data.
+per_seed = for s in $(SEEDS); do $(call fit_test,$(1)_s$$s,$(2) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
+.PHONY: install constraints train reference test test-fast bench sweep tensorboard data clean-runs
+
+# constraints.txt pins every dependency to the versions the README results were measured with.
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" "$(TORCH_SPEC)"
 	touch $@
 
-## train + test one experiment: make train EXP=tree_k4 [RUN=name] [ARGS="--trainer.max_epochs=1"]
+## rewrite constraints.txt from the packages now in .venv (on purpose only: commit it with the new results)
+constraints:
+	$(BIN)/python -m ktm.environment constraints
+
+## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [ARGS="--trainer.max_epochs=1"]
+## SEEDS: one run per seed into $(RUN)_s<seed>, then the mean ± std over seeds (ktm report checkpoints/$(EXP))
 train: install
+ifeq ($(strip $(SEEDS)),)
 	$(BIN)/ktm fit --exp $(EXP) --run $(RUN) $(ARGS)
 	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml --ckpt_path $(RUN_DIR)/checkpoints/last.ckpt
 	@echo "metrics: $(RUN_DIR)/metrics.json   model: $(RUN_DIR)/export   (make tensorboard)"
+else
+	$(call per_seed,$(RUN))
+	$(BIN)/ktm report checkpoints/$(EXP)
+endif
+
+## the uncompressed reference beside the merged runs: make reference EXP=tree_k4 [SEEDS="0 1 2"] -> k1ref[_s<seed>]
+reference: install
+ifeq ($(strip $(SEEDS)),)
+	$(call fit_test,k1ref,$(REFERENCE_ARGS))
+else
+	$(call per_seed,k1ref,$(REFERENCE_ARGS))
+endif
+	$(BIN)/ktm report checkpoints/$(EXP)
 
 ## one run per K, comparable in one TensorBoard: make sweep EXP=tree K="1 2 4"
 sweep: install

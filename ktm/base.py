@@ -142,8 +142,14 @@ def resolve_base(name: str) -> str:
     if name in ALIASES:
         target = base_cache_dir() / ALIASES[name]["folder"]
         if not (target / MANIFEST).exists():
+            import torch
+
             target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_smollm2(target)
+            # The conversion builds a randomly initialised model first, which draws from the global RNG.
+            # Without the fork, the first run of a fresh clone (which converts) initialised its LoRA from
+            # another random stream than every later run (which reuses the folder): same seed, other run.
+            with torch.random.fork_rng(devices=[]):
+                _convert_smollm2(target)
         _verified(str(target), (target / MANIFEST).stat().st_mtime)
         return str(target)
     path = Path(name).expanduser()

@@ -1,6 +1,7 @@
 """`ktm bench`: does merging K tokens buy the prefill speed-up it promises, end to end?
 
-For each model, batch size B, prompt length N and K it measures, with KTMModel's own code:
+For each model, batch size B, prompt length N and K it measures, with KTMModel's own code
+(build_batch, prefill, decode_step, pick: the calls generate_ids makes):
 
   * TTFT end to end = tokenise + embedding lookup + merge encoder + layout (padding/concat) + prefill
     (LoRA on, KV cache on, last position's logits only) + first token (greedy pick), and that split into
@@ -8,12 +9,20 @@ For each model, batch size B, prompt length N and K it measures, with KTMModel's
     split comes from the very run whose total is reported.
   * the ceiling: the bare base (LoRA off) prefilling a random embedding sequence of the merged length.
     Speed-up vs K=1 for both; "fraction of ceiling" = e2e speed-up / ceiling speed-up.
+  * TTFT of the served model: the LoRA merged into a copy of the base (KTMModel.merged_for_serving),
+    next to the unmerged TTFT and the ceiling.
+  * the machine's own matmul peak (a large GEMM, float32 and bfloat16) and each prefill's achieved
+    FLOP/s (analytic count, `prefill_flops`) as a fraction of it.
   * encoder share = encoder time / compressed prefill time, with an analytic FLOP ratio beside it.
   * peak memory of one e2e run and the KV-cache bytes of the tensors the prefill returned.
   * decode tokens/s on the cache of the merged prefill vs that of the normal (K=1) prefill.
   * one training step (tokenise + build_batch + target NLL forward + backward + AdamW) per K.
 
-Every timing has warm-up runs first, then `--repeats` runs: median with min/max and quartiles.
+Timings run in interleaved rounds: one round times every K's e2e, ceiling and merged TTFT back to back,
+and `--warmup` untimed rounds come first. A speed-up divides two times from the same round, so it is
+computed per round and reported as the median of the `--repeats` per-round ratios with their min-max
+(a moment of machine noise moves one round's ratio instead of one K's every point). Times themselves are
+reported as median with min/max and quartiles.
 Targets are printed as PASS/MISS; the command never fails on timing. Speed does not depend on the
 weight values, so the config-built shapes (random weights) stand in for the real models.
 Outputs: checkpoints/bench/<name>/{results.json, results.md, speedup.png}.
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -31,9 +41,11 @@ import platform
 import random
 import string
 import sys
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,9 +68,11 @@ TARGET_ENCODER_SHARE, TARGET_ENCODER_LENGTH = 0.05, 2048
 PARTS = ("tokenize", "embed", "encoder", "layout", "prefill", "first_token")
 
 # Defaults per device: the CPU grid must finish in ~15 min on 2 cores; the full grid is for GPUs.
+# peak_size: side of the square GEMM of the matmul peak; a GPU needs a bigger one to be kept busy.
 DEFAULTS = {
-    "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1),
-    "cuda": dict(lengths=[512, 2048, 8192], batch_sizes=[1, 8], repeats=10, warmup=2, decode_tokens=64, train_batch=8),
+    "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1, peak_size=2048),
+    "cuda": dict(lengths=[512, 2048, 8192], batch_sizes=[1, 8], repeats=10, warmup=2, decode_tokens=64, train_batch=8,
+                 peak_size=8192),
 }
 
 
@@ -92,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge factors; K=1 (no merging) is always added, it is the baseline of every speed-up")
     p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="N",
                    help="prompt lengths in tokens (default: 512 2048 on CPU, 512 2048 8192 on CUDA)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, metavar="B",
-                   help="batch sizes (default: 1 on CPU, 1 8 on CUDA)")
+    p.add_argument("--batch-sizes", "--batch", dest="batch_sizes", nargs="+", type=int, default=None, metavar="B",
+                   help="batch sizes, on CPU as on CUDA: B different prompts of N tokens each (default: 1 on CPU, "
+                   "1 8 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 3 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before the timed ones (default: 1 CPU, 2 CUDA)")
     p.add_argument("--decode-tokens", type=int, default=None,
@@ -103,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=None, help="batch size of the training step (default: 1 CPU, 8 CUDA)")
     p.add_argument("--train-target-tokens", type=int, default=16, help="answer tokens per training example (loss on them)")
     p.add_argument("--lora-r", type=int, default=4, help="LoRA rank on the base (0 = no LoRA), as in training")
+    p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time TTFT with the LoRA merged into a copy of the base (KTMModel.merged_for_serving), "
+                   "at every K (skipped without LoRA)")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="side of the square GEMM that measures the matmul peak in float32 and bfloat16; 0 skips it "
+                   "(default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto = bfloat16 on CUDA, float32 on CPU")
@@ -129,7 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if bad:
             raise KTMError(f"--{name.replace('_', '-')} must be whole numbers >= 1, got {bad[0]}", "e.g. --ks 1 2 4 8")
     for name, low in (("repeats", 1), ("warmup", 0), ("decode_tokens", 0), ("train_length", 0), ("train_batch", 1),
-                      ("train_target_tokens", 1), ("lora_r", 0), ("threads", 1)):
+                      ("train_target_tokens", 1), ("lora_r", 0), ("threads", 1), ("peak_size", 0)):
         v = getattr(a, name)
         if v is not None and v < low:
             raise KTMError(f"--{name.replace('_', '-')} must be >= {low}, got {v}", "see ktm bench --help")
@@ -157,21 +178,51 @@ def resolve_model(name: str) -> str:
 
 # -- clocks, statistics, memory ------------------------------------------------------------------
 class Clock:
-    """perf_counter that first waits for queued CUDA work, so a part's time is its own."""
+    """Seconds from `clock` (perf_counter; tests inject a scripted one). On CUDA it first waits for queued
+    work, so a part's time is its own."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
+        self.cuda, self.clock = device.type == "cuda", clock
 
     def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return self.clock()
+
+
+def timed(fn: Callable[[], object], clock: Clock) -> float:
+    t0 = clock.now()
+    fn()
+    return clock.now() - t0
 
 
 def stats(values: list[float]) -> dict:
+    """Median, min/max, quartiles, and the values themselves in run order (ratios pair them by round)."""
     t = torch.tensor(values, dtype=torch.float64)
     q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    return {"median": med, "min": min(values), "max": max(values), "q1": q1, "q3": q3, "n": len(values)}
+    return {"median": med, "min": min(values), "max": max(values), "q1": q1, "q3": q3, "n": len(values),
+            "values": list(values)}
+
+
+def per_round(num: list[float], den: list[float]) -> dict:
+    """stats of num[r] / den[r]: each pair was measured in the same round, seconds apart."""
+    if len(num) != len(den):
+        raise ValueError(f"per-round ratio of {len(num)} and {len(den)} values")
+    return stats([n / d for n, d in zip(num, den)])
+
+
+def run_rounds(steps: dict, repeats: int, warmup: int) -> dict[object, list]:
+    """Run every step once per round in the dict's order: `warmup` untimed rounds, then `repeats` rounds
+    whose results are returned per step, in round order. A step returns its own measurement (seconds,
+    tokens/s or a record); run_rounds only sets the order."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    results: dict[object, list] = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            results[key].append(step())
+    return results
 
 
 def _status_kib(field: str) -> int | None:
@@ -259,11 +310,13 @@ def kv_cache_bytes(cache) -> int:
 
 
 # -- analytic FLOPs --------------------------------------------------------------------------------
-def _linear_macs(module: nn.Module, skip: str | None = None) -> tuple[int, int]:
+def _linear_macs(module: nn.Module, skip: str | None = None, lora: bool = True) -> tuple[int, int]:
     """(MACs per position of all Linear layers outside `skip`, MACs of those inside it). LoRA's A/B
-    matrices are Linear layers of their own, so they count too."""
+    matrices are Linear layers of their own, so they count too unless lora=False (the bare base)."""
     body = head = 0
     for name, m in module.named_modules():
+        if not lora and any(part.startswith("lora_") for part in name.split(".")):
+            continue
         if isinstance(m, nn.Linear):
             macs = m.in_features * m.out_features
             if skip and skip in name.split("."):
@@ -278,11 +331,13 @@ def base_config(model):
     return lm.config
 
 
-def prefill_flops(model, batch: int, length: int) -> float:
+def prefill_flops(model, batch: int, length: int, lora: bool = True) -> float:
     """FLOPs of a prefill of `length` positions: linear layers at every position, the LM head (with its
-    LoRA) at the one kept position, causal attention (QK^T and AV over L(L+1)/2 query-key pairs)."""
+    LoRA) at the one kept position, causal attention (QK^T and AV over L(L+1)/2 query-key pairs).
+    lora=False counts the bare base (the ceiling, or a model whose LoRA is merged into its weights).
+    Norms, activations and RoPE are left out: a few percent at most."""
     cfg = base_config(model)
-    body, head = _linear_macs(model.lm, skip="lm_head")
+    body, head = _linear_macs(model.lm, skip="lm_head", lora=lora)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     attn = 2 * heads * head_dim * length * (length + 1) / 2 * cfg.num_hidden_layers
@@ -341,9 +396,7 @@ def _part_timers(modules: dict[str, nn.Module], clock: Clock, totals: dict[str, 
 
 @torch.no_grad()
 def e2e_once(model, texts: list[str], k: int, clock: Clock) -> tuple[float, dict, object, object]:
-    """One TTFT run exactly as KTMModel.generate_ids starts: returns (total s, parts s, batch, output)."""
-    from ktm.model import _pick
-
+    """One TTFT run with generate_ids' own calls: returns (total s, parts s, batch, prefill output)."""
     parts: dict[str, float] = {}
     with _part_timers({"embed": model.embed, "encoder": model._encoder(k)}, clock, parts):
         t0 = clock.now()
@@ -351,9 +404,9 @@ def e2e_once(model, texts: list[str], k: int, clock: Clock) -> tuple[float, dict
         t1 = clock.now()
         batch = model.build_batch(ids, k)
         t2 = clock.now()
-        out = model.forward(batch, logits_to_keep=1, use_cache=True)
+        out = model.prefill(batch)
         t3 = clock.now()
-        _pick(out.logits[:, -1], 0.0, 1.0, None).tolist()  # the first token, on the host
+        model.pick(out.logits[:, -1]).tolist()  # the first token, on the host
         t4 = clock.now()
     parts.update(tokenize=t1 - t0, layout=(t2 - t1) - parts["embed"] - parts["encoder"], prefill=t3 - t2, first_token=t4 - t3)
     return t4 - t0, parts, batch, out
@@ -376,21 +429,16 @@ def ceiling_once(model, embeds: torch.Tensor, clock: Clock) -> float:
 
 @torch.no_grad()
 def decode_once(model, batch, out, steps: int, clock: Clock) -> float:
-    """Tokens/s of `steps` greedy steps on the prefill's KV cache: the same calls as generate_ids' loop
-    (EOS ignored so every run decodes the same number of tokens). The cache is cropped back to the
+    """Tokens/s of `steps` greedy steps on the prefill's KV cache with generate_ids' calls (decode_step,
+    pick; EOS ignored so every run decodes the same number of tokens). The cache is cropped back to the
     prefill afterwards, so one prefill serves every repeat."""
-    from ktm.model import _pick
-
     cache, L = out.past_key_values, batch.inputs_embeds.shape[1]
     mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
-    nxt = _pick(out.logits[:, -1], 0.0, 1.0, None)
+    nxt = model.pick(out.logits[:, -1])
     t0 = clock.now()
     for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        pos = pos + 1
-        step = model.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-        nxt = _pick(step.logits[:, -1], 0.0, 1.0, None)
+        step, mask, pos = model.decode_step(nxt, mask, pos, cache)
+        nxt = model.pick(step.logits[:, -1])
         bool((nxt == model.eos_id).all())  # generate_ids checks for EOS on the host every step
     t1 = clock.now()
     cache.crop(-(cache.get_seq_length() - L))  # negative = tokens to drop (old and new transformers)
@@ -409,86 +457,171 @@ def train_step_once(model, opt, texts: list[str], targets: list[str], k: int, cl
     return clock.now() - t0
 
 
-def measure_point(model, texts, k, a, clock, mem, device) -> dict:
-    B, N = len(texts), len(model.tokenize_prompts(texts[:1])[0])
-    gen = torch.Generator(device="cpu").manual_seed(a.seed + k)
+def matmul_peak(device: torch.device, dtype: str, size: int, repeats: int, clock: Clock) -> dict:
+    """The machine's own dense-matmul rate: a size x size x size GEMM (2*size^3 FLOPs), one warm-up, then
+    `repeats` timed products. GFLOP/s of the median run, and of the fastest."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(size, size, generator=gen).to(device, getattr(torch, dtype)) for _ in range(2))
+    torch.mm(x, y)
+    s = stats([timed(lambda: torch.mm(x, y), clock) for _ in range(repeats)])
+    flops = 2.0 * size**3
+    return {"dtype": dtype, "size": size, "gflops": flops / s["median"] / 1e9, "best_gflops": flops / s["min"] / 1e9,
+            "time_s": s}
+
+
+def matmul_peaks(a, device: torch.device, clock: Clock) -> dict[str, dict]:
+    """float32 and bfloat16 always (bf16 on a CPU without native bf16 is emulated: the table shows what
+    that costs), plus the run's own dtype."""
+    out = {}
+    for dtype in dict.fromkeys(["float32", "bfloat16", a.dtype]):
+        out[dtype] = matmul_peak(device, dtype, a.peak_size, a.repeats, clock)
+        log.info("bench: matmul peak %s %d^3: %.1f GFLOP/s", dtype, a.peak_size, out[dtype]["gflops"])
+    return out
+
+
+def ceiling_embeds(model, texts: list[str], k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Random embeddings of K's merged length, at the scale of the real table (the values do not matter
+    for speed, the shape does)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + k)
     L = int(model.build_batch(model.tokenize_prompts(texts[:1]), k).merged_tokens[0])
     scale = float(model.embed.weight.float().std())
-    embeds = (torch.randn(B, L, model.hidden_size, generator=gen) * scale).to(device, model.embed.weight.dtype)
-    for _ in range(a.warmup):
-        e2e_once(model, texts, k, clock)
-        ceiling_once(model, embeds, clock)
-    totals, ceilings, parts, peaks = [], [], {p: [] for p in PARTS}, []
-    batch = out = None
-    for _ in range(a.repeats):  # e2e and ceiling interleaved, so drift of the machine hits both alike
-        batch = out = None
-        mem.start()
-        total, split, batch, out = e2e_once(model, texts, k, clock)
-        peaks.append(mem.stop())
-        totals.append(total)
-        for p in PARTS:
-            parts[p].append(split[p])
-        ceilings.append(ceiling_once(model, embeds, clock))
-    row = {
-        "batch": B, "length": N, "k": k, "merged_length": L,
-        "ttft_e2e_s": stats(totals), "ceiling_s": stats(ceilings),
-        "parts_s": {p: stats(v)["median"] for p, v in parts.items()},
-        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
-        "peak_memory_bytes": int(stats(peaks)["median"]),
-    }
+    return (torch.randn(len(texts), L, model.hidden_size, generator=gen) * scale).to(device, model.embed.weight.dtype)
+
+
+def e2e_record(model, texts: list[str], k: int, clock: Clock, mem: PeakMemory, kept: dict) -> dict:
+    """One e2e run with its peak memory; keeps its (batch, output) in kept[k] for KV bytes and decode."""
+    kept.pop(k, None)  # free this K's previous cache first: the peak is this run's alone
+    mem.start()
+    total, parts, batch, out = e2e_once(model, texts, k, clock)
+    peak = mem.stop()
+    kept[k] = (batch, out)
+    return {"s": total, "parts": parts, "peak": peak}
+
+
+def merged_once(served, texts: list[str], k: int, clock: Clock) -> float:
+    """TTFT e2e of the model whose LoRA is merged into its weights (merged_for_serving)."""
+    return e2e_once(served, texts, k, clock)[0]
+
+
+def group_steps(model, served, texts: list[str], a, clock: Clock, mem: PeakMemory, device, kept: dict) -> dict:
+    """One round of a (batch, length): K=1 e2e, K=1 ceiling[, K=1 merged], K=2 e2e, ... in that order."""
+    steps = {}
+    for k in a.ks:
+        embeds = ceiling_embeds(model, texts, k, a.seed, device)
+        steps[("e2e", k)] = functools.partial(e2e_record, model, texts, k, clock, mem, kept)
+        steps[("ceiling", k)] = functools.partial(ceiling_once, model, embeds, clock)
+        if served is not None:
+            steps[("merged", k)] = functools.partial(merged_once, served, texts, k, clock)
+    return steps
+
+
+def point_row(model, texts: list[str], k: int, res: dict, kept: dict) -> dict:
+    """The row of one K from the rounds' results (times in round order, so add_speedups can pair them)."""
+    recs, (batch, out) = res[("e2e", k)], kept[k]
+    B, N, L = len(texts), int(batch.prompt_tokens[0]), int(batch.merged_tokens[0])
+    row = {"batch": B, "length": N, "k": k, "merged_length": L,
+           "ttft_e2e_s": stats([r["s"] for r in recs]), "ceiling_s": stats(res[("ceiling", k)]),
+           "parts_s": {p: stats([r["parts"][p] for r in recs])["median"] for p in PARTS},
+           "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+           "peak_memory_bytes": int(stats([r["peak"] for r in recs])["median"])}
+    row["prompt_tokens_per_s"] = B * N / row["ttft_e2e_s"]["median"]
+    if ("merged", k) in res:
+        row["ttft_merged_s"] = stats(res[("merged", k)])
     enc, pre = row["parts_s"]["encoder"], row["parts_s"]["prefill"]
-    blocks = (N // k) if k > 1 else 0
     row["encoder_share"] = enc / pre if k > 1 else None
-    row["encoder_flop_share"] = encoder_flops(model, k, B, blocks) / prefill_flops(model, B, L) if k > 1 else None
-    if a.decode_tokens:
-        for _ in range(a.warmup):
-            decode_once(model, batch, out, min(a.decode_tokens, 4), clock)
-        row["decode_tokens_per_s"] = stats([decode_once(model, batch, out, a.decode_tokens, clock) for _ in range(a.repeats)])
+    row["encoder_flop_share"] = encoder_flops(model, k, B, N // k) / prefill_flops(model, B, L) if k > 1 else None
     return row
 
 
+def measure_group(model, served, texts: list[str], a, clock: Clock, mem: PeakMemory, device) -> list[dict]:
+    """Every K of one (batch, length) in interleaved rounds (group_steps), then decode in rounds too."""
+    kept: dict[int, tuple] = {}
+    res = run_rounds(group_steps(model, served, texts, a, clock, mem, device, kept), a.repeats, a.warmup)
+    rows = [point_row(model, texts, k, res, kept) for k in a.ks]
+    if a.decode_tokens:
+        steps = {k: functools.partial(decode_once, model, *kept[k], a.decode_tokens, clock) for k in a.ks}
+        dec = run_rounds(steps, a.repeats, a.warmup)
+        for row in rows:
+            row["decode_tokens_per_s"] = stats(dec[row["k"]])
+    return rows
+
+
+def add_flop_rates(rows: list[dict], model, peak: dict | None) -> None:
+    """Achieved GFLOP/s of the e2e prefill part (LoRA on) and of the ceiling (bare base), analytic FLOPs
+    (prefill_flops) over the median time, and each as a fraction of the measured matmul peak."""
+    for r in rows:
+        B, L = r["batch"], r["merged_length"]
+        r["prefill_gflops"] = prefill_flops(model, B, L) / r["parts_s"]["prefill"] / 1e9
+        r["ceiling_gflops"] = prefill_flops(model, B, L, lora=False) / r["ceiling_s"]["median"] / 1e9
+        if peak:
+            r["prefill_fraction_of_peak"] = r["prefill_gflops"] / peak["gflops"]
+            r["ceiling_fraction_of_peak"] = r["ceiling_gflops"] / peak["gflops"]
+
+
+def train_record(model, opt, texts, answer, k: int, clock: Clock, mem: PeakMemory) -> dict:
+    mem.start()
+    t = train_step_once(model, opt, texts, answer, k, clock)
+    return {"s": t, "peak": mem.stop()}
+
+
 def measure_training(model, a, clock, mem) -> list[dict]:
+    """One training step per K, in interleaved rounds like the TTFT (one optimizer per K)."""
     texts = make_texts(model, a.train_length, a.train_batch, a.seed + 7)
     answer = make_texts(model, a.train_target_tokens, a.train_batch, a.seed + 8)
-    rows = []
     model.train()
     try:
+        steps = {}
         for k in a.ks:
-            params = list(model._encoder(k).parameters()) + model.trainable_parameters()["lora"]
-            opt = torch.optim.AdamW(params, lr=1e-4)
-            for _ in range(a.warmup):
-                train_step_once(model, opt, texts, answer, k, clock)
-            mem.start()
-            times = [train_step_once(model, opt, texts, answer, k, clock) for _ in range(a.repeats)]
-            peak = mem.stop()
-            s = stats(times)
-            rows.append({"batch": a.train_batch, "length": a.train_length, "k": k, "step_s": s,
-                         "samples_per_s": a.train_batch / s["median"],
-                         "prompt_tokens_per_s": a.train_batch * a.train_length / s["median"], "peak_memory_bytes": peak})
-            del opt
-            log.info("bench: train K=%d step %.3fs", k, s["median"])
+            opt = torch.optim.AdamW(list(model._encoder(k).parameters()) + model.trainable_parameters()["lora"], lr=1e-4)
+            steps[k] = functools.partial(train_record, model, opt, texts, answer, k, clock, mem)
+        res = run_rounds(steps, a.repeats, a.warmup)
     finally:
         model.eval()
+    rows = []
+    for k in a.ks:
+        s = stats([r["s"] for r in res[k]])
+        rows.append({"batch": a.train_batch, "length": a.train_length, "k": k, "step_s": s,
+                     "samples_per_s": a.train_batch / s["median"],
+                     "prompt_tokens_per_s": a.train_batch * a.train_length / s["median"],
+                     "peak_memory_bytes": max(r["peak"] for r in res[k])})
+        log.info("bench: train K=%d step %.3fs", k, s["median"])
     add_train_targets(rows)
     return rows
 
 
 def add_train_targets(rows: list[dict]) -> None:
+    """Per-sample speed-up vs K=1 per round (same batch size, so step-time ratio), median and range."""
     base = next(r for r in rows if r["k"] == 1)
     for r in rows:
-        r["speedup_per_sample"] = r["samples_per_s"] / base["samples_per_s"]
+        s = per_round(base["step_s"]["values"], r["step_s"]["values"])
+        r["speedup_per_sample"], r["speedup_per_sample_range"] = s["median"], [s["min"], s["max"]]
         r["targets"] = {"faster_per_sample_than_K=1": "PASS" if r["speedup_per_sample"] > 1 else "MISS"} if r["k"] == 4 else {}
 
 
+def _values(r: dict, key: str) -> list[float]:
+    return r[key]["values"]
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """Speed-ups vs K=1 of the same (model, batch, length), fraction of ceiling, decode vs K=1, targets."""
+    """Speed-ups vs K=1 of the same (model, batch, length), computed per round and summarised as median
+    [min, max]; fraction of ceiling per round too; merged-LoRA ratios; decode vs K=1; targets.
+    `*_of_medians` keeps the ratio of the medians for comparison."""
     for r in rows:
         base = next(b for b in rows if (b["model"], b["batch"], b["length"], b["k"]) == (r["model"], r["batch"], r["length"], 1))
-        r["e2e_speedup"] = base["ttft_e2e_s"]["median"] / r["ttft_e2e_s"]["median"]
-        r["ceiling_speedup"] = base["ceiling_s"]["median"] / r["ceiling_s"]["median"]
-        r["fraction_of_ceiling"] = r["e2e_speedup"] / r["ceiling_speedup"]
+        e2e = per_round(_values(base, "ttft_e2e_s"), _values(r, "ttft_e2e_s"))
+        ceil = per_round(_values(base, "ceiling_s"), _values(r, "ceiling_s"))
+        frac = per_round(e2e["values"], ceil["values"])
+        r["speedups"] = {"e2e": e2e, "ceiling": ceil, "fraction_of_ceiling": frac}
+        r["e2e_speedup"], r["ceiling_speedup"], r["fraction_of_ceiling"] = e2e["median"], ceil["median"], frac["median"]
+        r["e2e_speedup_of_medians"] = base["ttft_e2e_s"]["median"] / r["ttft_e2e_s"]["median"]
+        r["ceiling_speedup_of_medians"] = base["ceiling_s"]["median"] / r["ceiling_s"]["median"]
+        if "ttft_merged_s" in r:
+            merged = _values(r, "ttft_merged_s")
+            r["speedups"]["unmerged_over_merged"] = per_round(_values(r, "ttft_e2e_s"), merged)  # the LoRA's cost
+            r["speedups"]["merged_over_ceiling"] = per_round(merged, _values(r, "ceiling_s"))  # what is left above the base
+            r["speedups"]["merged_vs_unmerged_k1"] = per_round(_values(base, "ttft_e2e_s"), merged)
         if "decode_tokens_per_s" in r:
-            r["decode_vs_k1"] = r["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
+            r["decode_vs_k1"] = per_round(_values(r, "decode_tokens_per_s"), _values(base, "decode_tokens_per_s"))["median"]
         targets = {}
         if r["k"] == TARGET_FRACTION_K:
             targets[f"fraction_of_ceiling>={TARGET_FRACTION}"] = r["fraction_of_ceiling"] >= TARGET_FRACTION
@@ -500,6 +633,8 @@ def add_speedups(rows: list[dict]) -> None:
 # -- reporting ------------------------------------------------------------------------------------------
 def device_info(a, device: torch.device) -> dict:
     import transformers
+
+    from ktm.environment import cpu_has_native_bf16
 
     info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform()}
@@ -513,7 +648,12 @@ def device_info(a, device: torch.device) -> dict:
                 break
     info.setdefault("cpu", platform.processor() or platform.machine())
     info["cpu_count"] = os.cpu_count()
+    info["cpu_native_bf16"] = cpu_has_native_bf16()  # without it CPU bf16 matmuls are emulated
     return info
+
+
+def where(dev: dict) -> str:
+    return dev.get("gpu") or dev["cpu"]
 
 
 def _ms(s: float) -> str:
@@ -528,26 +668,30 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:.1f}"
 
 
-def markdown(result: dict) -> str:
-    meta, rows, train = result["meta"], result["rows"], result["train"]
-    dev = meta["device_info"]
-    where = dev.get("gpu") or dev["cpu"]
+def _ratio(s: dict, unit: str = "x") -> str:
+    """A per-round ratio: median [min–max]."""
+    return f"{s['median']:.2f}{unit} [{s['min']:.2f}–{s['max']:.2f}]"
+
+
+def _peak_lines(result: dict) -> list[str]:
+    peaks, dev = result["meta"].get("matmul_peak") or {}, result["meta"]["device_info"]
+    if not peaks:
+        return []
+    rates = ", ".join(f"{d} {p['gflops']:.1f} GFLOP/s (best {p['best_gflops']:.1f})" for d, p in peaks.items())
+    size = next(iter(peaks.values()))["size"]
+    bf16 = "" if dev["device"] == "cuda" else f" CPU has native bf16: {'yes' if dev.get('cpu_native_bf16') else 'no (emulated)'}."
+    return [f"Matmul peak ({size}x{size}x{size} GEMM, median run): {rates}.{bf16}", ""]
+
+
+def _main_table(rows: list[dict]) -> list[str]:
     lines = [
-        f"# ktm bench: {meta['name']}", "",
-        f"Device: {dev['device']} ({where}), {dev['threads']} threads, dtype {dev['dtype']}, torch {dev['torch']}, "
-        f"transformers {dev['transformers']}. {meta['weights_note']}", "",
-        f"Command: `{meta['command']}`", "",
-        f"Medians of {meta['args']['repeats']} runs after {meta['args']['warmup']} warm-up; [min–max]. TTFT e2e = "
-        "tokenise + embed + merge encoder + layout + prefill (LoRA on) + first token. Ceiling = bare-base prefill of a "
-        "random embedding sequence of the merged length. Fraction = e2e speed-up / ceiling speed-up. Enc share = "
-        "encoder time / compressed prefill time (FLOP ratio in brackets). Peak mem = "
-        f"{meta['memory_method']}.", "",
-        "| model | batch | length | K | merged | TTFT e2e ms [min–max] | ceiling ms | e2e speed-up | ceiling speed-up | "
-        "fraction of ceiling | enc share (FLOPs) | KV cache MiB | peak mem MiB | decode tok/s (vs K=1) | targets |",
+        "| model | batch | length | K | merged | TTFT e2e ms [min–max] | ceiling ms | e2e speed-up [min–max] | "
+        "ceiling speed-up [min–max] | fraction of ceiling [min–max] | enc share (FLOPs) | KV cache MiB | peak mem MiB | "
+        "decode tok/s (vs K=1) | targets |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t, c = r["ttft_e2e_s"], r["ceiling_s"]
+        t, c, sp = r["ttft_e2e_s"], r["ceiling_s"], r["speedups"]
         dec = "—"
         if "decode_tokens_per_s" in r:
             dec = f"{r['decode_tokens_per_s']['median']:.1f} ({r['decode_vs_k1']:.2f}x)"
@@ -555,23 +699,84 @@ def markdown(result: dict) -> str:
         tg = "; ".join(f"{n} {v}" for n, v in r["targets"].items()) or ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['merged_length']} | "
                      f"{_ms(t['median'])} [{_ms(t['min'])}–{_ms(t['max'])}] | {_ms(c['median'])} | "
-                     f"{r['e2e_speedup']:.2f}x | {r['ceiling_speedup']:.2f}x | {r['fraction_of_ceiling']:.2f} | {enc} | "
+                     f"{_ratio(sp['e2e'])} | {_ratio(sp['ceiling'])} | {_ratio(sp['fraction_of_ceiling'], '')} | {enc} | "
                      f"{_mib(r['kv_cache_bytes'])} | {_mib(r['peak_memory_bytes'])} | {dec} | {tg} |")
-    lines += ["", "TTFT split (medians, ms):", "",
-              "| model | batch | length | K | " + " | ".join(PARTS) + " |", "|---|---|---|---|" + "---|" * len(PARTS)]
+    return lines
+
+
+def _split_table(rows: list[dict]) -> list[str]:
+    lines = ["TTFT split (medians, ms):", "",
+             "| model | batch | length | K | " + " | ".join(PARTS) + " |", "|---|---|---|---|" + "---|" * len(PARTS)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | "
                      + " | ".join(_ms(r["parts_s"][p]) for p in PARTS) + " |")
-    if train:
-        lines += ["", "Training step (tokenise + build_batch + forward + backward + AdamW, LoRA + encoder):", "",
-                  "| model | batch | length | K | step ms [min–max] | samples/s | prompt tokens/s | per-sample speed-up | peak mem MiB | targets |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in train:
-            s = r["step_s"]
-            lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {_ms(s['median'])} "
-                         f"[{_ms(s['min'])}–{_ms(s['max'])}] | {r['samples_per_s']:.2f} | {r['prompt_tokens_per_s']:.0f} | "
-                         f"{r['speedup_per_sample']:.2f}x | {_mib(r['peak_memory_bytes'])} | "
-                         + "; ".join(f"{n} {v}" for n, v in r["targets"].items()) + " |")
+    return lines
+
+
+def _compute_table(rows: list[dict]) -> list[str]:
+    lines = ["Compute: analytic prefill FLOPs (`prefill_flops`: linear layers incl. LoRA at every position, LM head at "
+             "the last, causal attention) over the median prefill time; % of the matmul peak of the run's dtype. "
+             "Prompt tokens/s = batch x length / TTFT e2e.", "",
+             "| model | batch | length | K | merged | prefill GFLOP/s (% peak) | ceiling GFLOP/s (% peak) | prompt tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pre = f"{r['prefill_gflops']:.1f} ({_pct(r.get('prefill_fraction_of_peak'))})"
+        ceil = f"{r['ceiling_gflops']:.1f} ({_pct(r.get('ceiling_fraction_of_peak'))})"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['merged_length']} | {pre} | {ceil} | "
+                     f"{r['prompt_tokens_per_s']:.0f} |")
+    return lines
+
+
+def _merged_table(rows: list[dict]) -> list[str]:
+    sel = [r for r in rows if "ttft_merged_s" in r]
+    if not sel:
+        return []
+    lines = ["", "Serving with the LoRA merged into the base weights (`KTMModel.merged_for_serving`), TTFT e2e medians "
+             "in ms; ratios per round, median [min–max]:", "",
+             "| model | batch | length | K | unmerged | merged | ceiling | unmerged / merged | merged / ceiling | "
+             "merged vs unmerged K=1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        sp = r["speedups"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {_ms(r['ttft_e2e_s']['median'])} | "
+                     f"{_ms(r['ttft_merged_s']['median'])} | {_ms(r['ceiling_s']['median'])} | "
+                     f"{_ratio(sp['unmerged_over_merged'])} | {_ratio(sp['merged_over_ceiling'])} | "
+                     f"{_ratio(sp['merged_vs_unmerged_k1'])} |")
+    return lines
+
+
+def _train_table(train: list[dict]) -> list[str]:
+    if not train:
+        return []
+    lines = ["", "Training step (tokenise + build_batch + forward + backward + AdamW, LoRA + encoder):", "",
+             "| model | batch | length | K | step ms [min–max] | samples/s | prompt tokens/s | per-sample speed-up [min–max] | "
+             "peak mem MiB | targets |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in train:
+        s, lo_hi = r["step_s"], r["speedup_per_sample_range"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {_ms(s['median'])} "
+                     f"[{_ms(s['min'])}–{_ms(s['max'])}] | {r['samples_per_s']:.2f} | {r['prompt_tokens_per_s']:.0f} | "
+                     f"{r['speedup_per_sample']:.2f}x [{lo_hi[0]:.2f}–{lo_hi[1]:.2f}] | {_mib(r['peak_memory_bytes'])} | "
+                     + "; ".join(f"{n} {v}" for n, v in r["targets"].items()) + " |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    dev = meta["device_info"]
+    lines = [
+        f"# ktm bench: {meta['name']}", "",
+        f"Device: {dev['device']} ({where(dev)}), {dev['threads']} threads, dtype {dev['dtype']}, torch {dev['torch']}, "
+        f"transformers {dev['transformers']}. {meta['weights_note']}", "",
+        f"Command: `{meta['command']}`", "",
+        *_peak_lines(result),
+        f"{meta['args']['warmup']} warm-up rounds, then {meta['args']['repeats']} timed rounds; one round runs every K's "
+        "e2e, ceiling and merged TTFT back to back. Times: median [min–max]. Speed-ups vs K=1: computed per round "
+        "(both times from the same round), median [min–max] of those. TTFT e2e = tokenise + embed + merge encoder + "
+        "layout + prefill (LoRA on) + first token. Ceiling = bare-base prefill of a random embedding sequence of the "
+        "merged length. Fraction = e2e speed-up / ceiling speed-up. Enc share = encoder time / compressed prefill "
+        f"time (FLOP ratio in brackets). Peak mem = {meta['memory_method']}.", "",
+        *_main_table(rows), "", *_split_table(rows), "", *_compute_table(rows), *_merged_table(rows),
+        *_train_table(result["train"]),
+    ]
     lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['status']} ({t['detail']})" for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -591,65 +796,105 @@ def target_summary(rows: list[dict], train: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _errorbar(ax, pts: list[dict], key: str, fmt: str, color: str, label: str, alpha: float = 1.0) -> None:
+    """Per-round median with its min-max as the error bar."""
+    med = [p["speedups"][key]["median"] for p in pts]
+    low = [m - p["speedups"][key]["min"] for m, p in zip(med, pts)]
+    high = [p["speedups"][key]["max"] - m for m, p in zip(med, pts)]
+    ax.errorbar([p["k"] for p in pts], med, yerr=[low, high], fmt=fmt, color=color, alpha=alpha, capsize=3, label=label)
+
+
+def speedup_figure(rows: list[dict], dev: dict):
+    """One panel per (model, batch): e2e and ceiling speed-up vs K for each prompt length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ktm.io import write_with
-
     groups = sorted({(r["model"], r["batch"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.8), squeeze=False)
     for ax, (model, batch) in zip(axes[0], groups):
         sel = [r for r in rows if (r["model"], r["batch"]) == (model, batch)]
         ks = sorted({r["k"] for r in sel})
         for i, n in enumerate(sorted({r["length"] for r in sel})):
             pts = sorted((r for r in sel if r["length"] == n), key=lambda r: r["k"])
-            color = f"C{i}"
-            ax.plot([r["k"] for r in pts], [r["e2e_speedup"] for r in pts], "o-", color=color, label=f"N={n} e2e")
-            ax.plot([r["k"] for r in pts], [r["ceiling_speedup"] for r in pts], "s--", color=color, alpha=0.6,
-                    label=f"N={n} ceiling")
+            _errorbar(ax, pts, "e2e", "o-", f"C{i}", f"N={n} tokens: e2e")
+            _errorbar(ax, pts, "ceiling", "s--", f"C{i}", f"N={n} tokens: ceiling", alpha=0.6)
         ax.plot(ks, ks, ":", color="grey", label="speed-up = K")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("K (tokens merged into one)")
-        ax.set_ylabel("TTFT speed-up vs K=1")
+        ax.set_xlabel("K (prompt tokens merged into one)")
+        ax.set_ylabel("TTFT speed-up vs K=1 (same prompt length N)")
         ax.set_title(f"{model}, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    # Wrapped to the figure's width (about 80 characters per panel at these sizes), so one panel clips nothing.
+    width = 80 * len(groups)
+    title = textwrap.fill(f"TTFT speed-up on {dev['device']} ({where(dev)}), {dev['dtype']}: median of per-round "
+                          "ratios, bars = min–max", width)
+    note = textwrap.fill("N = prompt length in tokens. e2e = tokenise + merge encoder + prefill with LoRA + first token. "
+                         "ceiling = the bare base (no LoRA, no encoder) prefilling a sequence of the merged length N/K.",
+                         int(width * 1.1))
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.035 * (note.count("\n") + 1) + 0.01, 1, 1 - 0.045 * (title.count("\n") + 1)))
+    return fig
+
+
+def plot(rows: list[dict], path: Path, dev: dict) -> None:
+    from ktm.io import write_with
+
+    fig = speedup_figure(rows, dev)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
 
 
 # -- main ----------------------------------------------------------------------------------------------
-def run(a: argparse.Namespace) -> dict:
+def load_model(name: str, base: str, a, device):
     from ktm.model import KTMModel, LoraSettings
+
+    log.info("bench: loading %s (%s, %s)", name, base, a.dtype)
+    torch.manual_seed(a.seed)
+    model = KTMModel.from_base(base, dtype=a.dtype, ks=a.ks, lora=LoraSettings(r=a.lora_r)).to(device).eval()
+    too_long = [n for n in a.lengths + [a.train_length] if n > model.max_prompt_tokens]
+    if too_long:
+        raise KTMError(f"length {too_long[0]} is longer than {name}'s context of {model.max_prompt_tokens} tokens",
+                       "use shorter --lengths / --train-length")
+    return model
+
+
+def measure_model(name: str, model, a, clock: Clock, mem: PeakMemory, device, peak: dict | None) -> tuple[list, list]:
+    served = model.merged_for_serving() if a.merged and model.lora_settings is not None else None
+    rows = []
+    for B in a.batch_sizes:
+        for N in a.lengths:
+            group = measure_group(model, served, make_texts(model, N, B, a.seed), a, clock, mem, device)
+            add_flop_rates(group, model, peak)
+            for r in group:
+                log.info("bench: %s B=%d N=%d K=%d  TTFT %.3fs  ceiling %.3fs", name, B, N, r["k"],
+                         r["ttft_e2e_s"]["median"], r["ceiling_s"]["median"])
+            rows += [{"model": name, **r} for r in group]
+    del served
+    train = [{"model": name, **r} for r in measure_training(model, a, clock, mem)] if a.train_length else []
+    return rows, train
+
+
+def run(a: argparse.Namespace) -> dict:
+    from ktm.environment import environment
 
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     clock, mem = Clock(device), PeakMemory(device)
-    rows, train = [], []
+    rows, train, peaks = [], [], None
     for name, base in zip(a.models, a.bases):
-        log.info("bench: loading %s (%s, %s)", name, base, a.dtype)
-        torch.manual_seed(a.seed)
-        model = KTMModel.from_base(base, dtype=a.dtype, ks=a.ks, lora=LoraSettings(r=a.lora_r)).to(device).eval()
-        too_long = [n for n in a.lengths + [a.train_length] if n > model.max_prompt_tokens]
-        if too_long:
-            raise KTMError(f"length {too_long[0]} is longer than {name}'s context of {model.max_prompt_tokens} tokens",
-                           "use shorter --lengths / --train-length")
-        for B in a.batch_sizes:
-            for N in a.lengths:
-                texts = make_texts(model, N, B, a.seed)
-                for k in a.ks:
-                    row = {"model": name, **measure_point(model, texts, k, a, clock, mem, device)}
-                    log.info("bench: %s B=%d N=%d K=%d  TTFT %.3fs  ceiling %.3fs", name, B, N, k,
-                             row["ttft_e2e_s"]["median"], row["ceiling_s"]["median"])
-                    rows.append(row)
-        if a.train_length:
-            train += [{"model": name, **r} for r in measure_training(model, a, clock, mem)]
+        model = load_model(name, base, a, device)  # a bad length fails here, before any timing
+        if peaks is None:  # once, before the first model's measurements
+            peaks = matmul_peaks(a, device, clock) if a.peak_size else {}
+        r, t = measure_model(name, model, a, clock, mem, device, peaks.get(a.dtype))
+        rows, train = rows + r, train + t
         del model
         gc.collect()
         if device.type == "cuda":
@@ -660,7 +905,8 @@ def run(a: argparse.Namespace) -> dict:
                "Config shapes have random weights; smollm2-135m has its real weights (encoder/LoRA untrained).")
     args = {k: v for k, v in vars(a).items() if k != "bases"}
     return {"meta": {"name": a.name, "command": a.command, "args": args, "device_info": device_info(a, device),
-                     "memory_method": mem.method, "weights_note": weights, "created": datetime.now().isoformat(timespec="seconds")},
+                     "environment": environment(), "matmul_peak": peaks, "memory_method": mem.method,
+                     "weights_note": weights, "created": datetime.now().isoformat(timespec="seconds")},
             "rows": rows, "train": train, "targets": target_summary(rows, train)}
 
 
@@ -678,7 +924,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(result)
     write_json(out_dir / "results.json", result)
     write_text(out_dir / "results.md", md)
-    plot(result["rows"], out_dir / "speedup.png")
+    plot(result["rows"], out_dir / "speedup.png", result["meta"]["device_info"])
     print(md)
     print(f"ktm bench: results in {out_dir}/ (results.json, results.md, speedup.png)")
     return result

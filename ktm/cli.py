@@ -10,9 +10,11 @@
 
 `--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml; outputs of a run go to
 checkpoints/<experiment>/<run>/ (TensorBoard events, config.yaml, checkpoints/, export/, metrics.json).
-Problems the user can fix print one line `ktm: error: <problem> -> <fix>` and exit 2; Ctrl-C during
-training saves checkpoints/interrupted.ckpt, prints the resume command and exits 130.
+Problems the user can fix print one line `ktm: error: <problem> -> <fix>` and exit 2; Ctrl-C (SIGTERM)
+during training saves checkpoints/interrupted.ckpt, prints the resume command and exits 130 (143).
 Resume any run:  ktm fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt
+A run folder holds one run (ktm/training/run_folder.py): `ktm fit` into one that holds a run is refused
+unless it resumes it (--ckpt_path) or --overwrite moves the old one aside to <run>.old-<time>.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ def expand_exp(argv: list[str]) -> list[str]:
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C after a resumable checkpoint was saved (the callback said where)."""
+    """Stopped by Ctrl-C (exit 130) or SIGTERM (143); SaveOnInterrupt already said what it saved."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 def _known_keys(parser) -> list[str]:
@@ -146,7 +152,7 @@ def _check_config_files(argv: list[str]) -> None:
 
 
 # Model settings that shape the trained weights: a checkpoint only fits a run with the same ones.
-CKPT_HPARAMS = ("base", "ks", "keep_tail", "encoder_multiplier", "lora")
+CKPT_HPARAMS = ("base", "ks", "keep_tail", "encoder_multiplier", "encoder_bound", "compressor", "lora")
 
 
 def _lora_shape(lora: Any) -> Any:
@@ -157,19 +163,23 @@ def _lora_shape(lora: Any) -> Any:
 
 
 def run_lightning(argv: list[str]) -> None:
+    import lightning as L
     from jsonargparse import Namespace
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
     from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from ktm.io import load_torch, save_torch, write_text
     from ktm.model import LoraSettings, check_settings
-    from ktm.training.callbacks import ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, run_dir
+    from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, run_dir
     from ktm.training.data import KTMDataModule, check_data_args
     from ktm.training.module import KTMModule
+    from ktm.training.run_folder import RunFolder, check_name, eval_checkpoint, run_path
 
     command = f"ktm {argv[0]}" if argv else "ktm fit"
+    claimed: list[RunFolder] = []  # the run folder this command locked (rank zero), released at the end
 
     class KTMArgumentParser(LightningArgumentParser):
         """Parse errors become one `ktm: error:` line instead of a usage dump + SystemExit(2)."""
@@ -192,11 +202,59 @@ def run_lightning(argv: list[str]) -> None:
             super().remove_checkpoint(path)
             Path(str(path) + ".sha256").unlink(missing_ok=True)
 
+    class BeginRun(L.Callback):
+        """The run starts writing into its folder once every check has passed (training starts; or fit
+        ends without a step): with --overwrite the old run is moved aside only then."""
+
+        def _begin(self, trainer) -> None:
+            if not (claimed and trainer.is_global_zero) or claimed[0].begun:
+                return
+            if claimed[0].overwrite:  # TensorBoard's writer opened its file in the old folder at setup: reopen it after the move
+                for logger in trainer.loggers:
+                    writer = getattr(logger, "_experiment", None)
+                    if writer is not None and hasattr(writer, "close"):
+                        writer.close()
+                        logger._experiment = None
+            claimed[0].begin()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self._begin(trainer)
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            self._begin(trainer)
+
     class KTMSaveConfig(SaveConfigCallback):
-        """<run>/config.yaml written atomically (with a checksum), on rank zero."""
+        """<run>/config.yaml written atomically (with a checksum), on rank zero, once every check has
+        passed: fit writes it when training starts (a failed check leaves the run's config as it was);
+        validate/test only into a folder without one (a trained run keeps its fit's config)."""
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            pass  # not here: the base loads and the data/module checks run after callbacks' setup
+
+        def _save(self, trainer, pl_module, stage) -> None:
+            if not self.already_saved and trainer.is_global_zero:
+                self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self._save(trainer, pl_module, "fit")
+
+        def on_fit_end(self, trainer, pl_module) -> None:  # a fit without a training step still leaves its config
+            self._save(trainer, pl_module, "fit")
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if trainer.state.fn == "validate":
+                self._save(trainer, pl_module, "validate")
+
+        def on_test_start(self, trainer, pl_module) -> None:
+            self._save(trainer, pl_module, "test")
 
         def save_config(self, trainer, pl_module, stage) -> None:
-            write_text(run_dir(trainer) / "config.yaml", self.parser.dump(self.config, skip_none=False))
+            path = run_dir(trainer) / "config.yaml"
+            if stage == "fit" or not path.exists():
+                config = self.config.clone()
+                config.ckpt_path = None  # the run's settings, not this command's checkpoint: resume names its own
+                write_text(path, self.parser.dump(config, skip_none=False))
 
     class KTMModelCheckpoint(ModelCheckpoint):
         """Lightning's ModelCheckpoint, plus: last.ckpt always holds the final state once training ends.
@@ -219,6 +277,9 @@ def run_lightning(argv: list[str]) -> None:
             parser.add_argument("--experiment", default="ktm", help="experiment name: outputs under <root>/<experiment>/<run>/")
             parser.add_argument("--run", default="default", help="run name inside the experiment folder")
             parser.add_argument("--root", default="checkpoints", help="folder that holds all runs")
+            parser.add_argument("--overwrite", action="store_true",
+                                help="fit into a run folder that holds a run: move the old run aside to <run>.old-<time> first "
+                                     "(nothing is deleted; done when training starts)")
             # Checkpoints are configurable (experiments/defaults.yaml `checkpoint:`): by default last.ckpt plus
             # the newest epoch file at each epoch's end; checkpoint.every_n_train_steps=N saves every N
             # optimizer steps instead, so a killed run loses fewer than N steps.
@@ -231,6 +292,13 @@ def run_lightning(argv: list[str]) -> None:
             # model first, naming what differs.
             sub = self.config.get("subcommand")
             ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+            if sub in ("validate", "test") and not ckpt_path:
+                # Never the untrained model's numbers into a trained run: its last.ckpt, and say so.
+                cfg = self.config[sub]
+                last = eval_checkpoint(run_path(cfg.root, cfg.experiment, cfg.run), command)
+                if last is not None:
+                    log.info("%s without --ckpt_path: evaluating the run's %s (pass --ckpt_path to pick another)", command, last)
+                    cfg.ckpt_path = ckpt_path = str(last)
             if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
                 ckpt = load_torch(ckpt_path, "training checkpoint", weights_only=True)
                 if "ktm" not in ckpt:
@@ -255,10 +323,12 @@ def run_lightning(argv: list[str]) -> None:
             # a bad value fails in a second with one line, not after the base model has been loaded.
             sub = self.config.get("subcommand")
             cfg = self.config[sub] if sub else self.config
+            check_name(cfg.experiment, "--experiment")  # the run folder stays inside --root
+            check_name(cfg.run, "--run")
             check_data_args(**cfg.data.as_dict())
             m = cfg.model
             lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
-            check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora)
+            check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor)
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -266,7 +336,21 @@ def run_lightning(argv: list[str]) -> None:
                 cfg.trainer.logger = Namespace(
                     class_path="lightning.pytorch.loggers.TensorBoardLogger",
                     init_args=Namespace(save_dir=cfg.root, name=cfg.experiment, version=cfg.run, default_hp_metric=False))
+            else:
+                # A run's config.yaml stores the logger with the folder it was written for: --root,
+                # --experiment and --run given with `--config <run>/config.yaml` must still decide.
+                for logger in cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]:
+                    if str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger") and logger.get("init_args") is not None:
+                        logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = cfg.root, cfg.experiment, cfg.run
             cfg.trainer.default_root_dir = str(Path(cfg.root) / cfg.experiment / cfg.run)
+            if cfg.trainer.get("precision") is None:  # null in defaults.yaml: what this machine runs fastest
+                from ktm.environment import native_precision
+
+                cfg.trainer.precision = native_precision(cfg.trainer.get("accelerator") or "auto")
+            overwrite, cfg.overwrite = bool(cfg.get("overwrite")), False  # a one-off: never saved into config.yaml
+            if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this command: the folder is rank zero's
+                claimed.append(RunFolder.claim(cfg.root, cfg.experiment, cfg.run, command=command,
+                                               ckpt_path=cfg.get("ckpt_path"), overwrite=overwrite))
 
         def instantiate_trainer(self, **kwargs: Any):
             trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -287,7 +371,7 @@ def run_lightning(argv: list[str]) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"parser_mode": "omegaconf", "prog": "ktm"},
             trainer_defaults={
-                "callbacks": [Throughput(), RunOutputs(), interrupt, ResumableRNG()],
+                "callbacks": [BeginRun(), Throughput(), RunOutputs(), interrupt, ResumableRNG(), EpochLog()],
                 "num_sanity_val_steps": 0,
                 "reload_dataloaders_every_n_epochs": 1,
             },
@@ -296,9 +380,13 @@ def run_lightning(argv: list[str]) -> None:
         raise KTMError(f"invalid trainer setting: {' '.join(str(exc).split())[:240]}",
                        f"fix the trainer section of the config ({command} --help lists the options)") from None
     except SystemExit:
-        if interrupt.saved is not None:  # Lightning turns Ctrl-C into exit(1) after our callback saved
-            raise Interrupted(str(interrupt.saved)) from None
+        # Lightning turns Ctrl-C into exit(1) and SIGTERM into a bare SystemExit (0!) after our callback ran
+        if interrupt.exit_code is not None:
+            raise Interrupted(interrupt.exit_code) from None
         raise
+    finally:
+        for folder in claimed:
+            folder.release()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -394,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     # We hand LightningCLI a rewritten argv (--exp expanded) on purpose; its "args and sys.argv both
     # given" warning would only add noise above one-line errors.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # Lightning's "Checkpoint directory ... exists and is not empty": a fit there is a resume or --overwrite
+    # (ktm/training/run_folder.py refuses any other), so the warning would only ever be noise.
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(__doc__)
@@ -418,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     except KTMError as exc:
         print(f"ktm: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted:  # SaveOnInterrupt already printed where it saved and how to resume
-        return 130
+    except Interrupted as exc:  # SaveOnInterrupt already printed where it saved and how to resume
+        return exc.code
     except KeyboardInterrupt:
         print("ktm: interrupted (no training checkpoint was written by this command)", file=sys.stderr)
         return 130

@@ -74,7 +74,7 @@ def _number(x) -> bool:
 
 
 def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
-                   lora: "LoraSettings | None" = None) -> list[int]:
+                   lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge") -> list[int]:
     """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
 
     Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
@@ -93,6 +93,9 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
         if bad:
             raise KTMError(f"model.encoder_multiplier={f} gives the K={bad[0]} merge encoder no hidden units (int({f}*{bad[0]}) = 0)",
                            f"use encoder_multiplier >= {1 / bad[0]:g}, or null for the paper's rule")
+    if encoder_bound is not None and (not _number(encoder_bound) or encoder_bound <= 0):
+        raise KTMError(f"model.encoder_bound must be a number > 0 or null, got {encoder_bound!r}",
+                       "set it to 1.0 (correction at most the block mean's norm), or null for the paper's unbounded encoder")
     if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
                                           or max_prompt_tokens < 1):
         raise KTMError(f"model.max_prompt_tokens must be a whole number >= 1 or null, got {max_prompt_tokens!r}",
@@ -110,10 +113,13 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
             if isinstance(lora.target_modules, str) or not lora.target_modules:
                 raise KTMError(f"model.lora.target_modules must be a non-empty list, got {lora.target_modules!r}",
                                "list layer names, e.g. [q_proj, v_proj]")
+    from ktm.compressors import check_name
+
+    check_name(compressor)
     return ks
 
 
-_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora")
+_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -157,14 +163,19 @@ class KTMModel(nn.Module):
         base_fingerprint: str = "",
         max_prompt_tokens: int | None = None,
         long_prompt_policy: str = "error",
+        encoder_bound: float | None = 1.0,
+        compressor: str = "merge",
     ):
         super().__init__()
-        ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora)
+        ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor)
+        from ktm.compressors import get_compressor
+
+        self.compressor = get_compressor(compressor)  # what build_batch feeds the LM (ktm.compressors); "merge" = the method
         self.tokenizer = tokenizer
         self.ks, self.keep_tail = ks, keep_tail
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.lora_settings = lora if lora is not None and lora.r > 0 else None
-        self.encoder_multiplier = encoder_multiplier
+        self.encoder_multiplier, self.encoder_bound = encoder_multiplier, encoder_bound
         self.context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
         self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
         self.long_prompt_policy = long_prompt_policy
@@ -193,7 +204,7 @@ class KTMModel(nn.Module):
         else:
             self.lm = base
         param_dtype = torch.float32 if self.embed.weight.dtype == torch.float32 else self.embed.weight.dtype
-        self.encoders = nn.ModuleDict({str(k): MergeEncoder(k, d, encoder_multiplier).to(param_dtype) for k in ks})
+        self.encoders = nn.ModuleDict({str(k): MergeEncoder(k, d, encoder_multiplier, encoder_bound).to(param_dtype) for k in ks})
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
@@ -294,12 +305,20 @@ class KTMModel(nn.Module):
         mean, correction = self._encoder(k).parts(blocks)
         return float(correction.norm(dim=-1).mean() / mean.norm(dim=-1).mean().clamp(min=1e-12))
 
-    def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None) -> Batch:
-        encoder = self._encoder(k)
+    def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None,
+                    unscored: Sequence[int] | None = None) -> Batch:
+        """The merged, left-padded batch. `unscored[i]` leading target tokens of example i are read but not
+        scored (a cue such as the reading stage's "Repeat the text above:")."""
         device = self.embed.weight.device
         lengths = [len(p) for p in prompt_ids]
-        emb, layouts, blocks = self._blocks(prompt_ids, k)
-        merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
+        if self.compressor.name == "merge":
+            encoder = self._encoder(k)
+            emb, layouts, blocks = self._blocks(prompt_ids, k)
+            merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
+            prompts = [(emb[i, :h], merged[i], emb[i, n - t : n]) for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts))]
+        else:  # a baseline (ktm.compressors): one (L_i, d) piece per prompt, padded and masked as below
+            prompts = [(e,) for e in self.compressor.embeddings(self, prompt_ids, k)]
+        p_lens = [sum(piece.shape[0] for piece in pieces) for pieces in prompts]
         target_emb = None
         if target_ids is not None:
             t_max = max(len(t) for t in target_ids)
@@ -307,18 +326,18 @@ class KTMModel(nn.Module):
             for i, t in enumerate(target_ids):
                 tpad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
             target_emb = self.embed(tpad.to(device))
-        B, d = len(prompt_ids), emb.shape[-1]
+        B, d = len(prompt_ids), self.hidden_size
         t_lens = [len(t) for t in target_ids] if target_ids is not None else [0] * B
-        seq_lens = [h + m + t + tl for (h, m, t), tl in zip(layouts, t_lens)]
+        seq_lens = [pl + tl for pl, tl in zip(p_lens, t_lens)]
         seq_len = max(seq_lens)
         # Each piece is written straight into its example's left-padded slot: no per-example concatenation
         # and no zero-fill of positions that are overwritten anyway (each is a full copy of the prompt).
-        inputs = emb.new_empty(B, seq_len, d)
-        for i, (n, (h, m, t), tl) in enumerate(zip(lengths, layouts, t_lens)):
+        inputs = prompts[0][0].new_empty(B, seq_len, d)
+        for i, tl in enumerate(t_lens):
             pos = seq_len - seq_lens[i]
             if pos:
                 inputs[i, :pos] = 0
-            pieces = (emb[i, :h], merged[i], emb[i, n - t : n]) + ((target_emb[i, :tl],) if target_emb is not None else ())
+            pieces = prompts[i] + ((target_emb[i, :tl],) if target_emb is not None else ())
             for piece in pieces:
                 if piece.shape[0] or piece.requires_grad:  # an empty merged piece still links the encoder to the loss
                     inputs[i, pos : pos + piece.shape[0]] = piece
@@ -331,14 +350,15 @@ class KTMModel(nn.Module):
             t_max = max(len(t) for t in target_ids)
             targets = torch.full((B, t_max), -100, dtype=torch.long, device=device)
             for i, t in enumerate(target_ids):
-                targets[i, t_max - len(t) :] = torch.as_tensor(t, dtype=torch.long, device=device)
+                skip = unscored[i] if unscored is not None else 0
+                targets[i, t_max - len(t) + skip :] = torch.as_tensor(t[skip:], dtype=torch.long, device=device)
         return Batch(
             inputs_embeds=inputs,
             attention_mask=mask,
             position_ids=positions,
             targets=targets,
             prompt_tokens=torch.tensor(lengths),
-            merged_tokens=torch.tensor([h + m + t for h, m, t in layouts]),
+            merged_tokens=torch.tensor(p_lens),
         )
 
     # -- forward passes --------------------------------------------------------------------------
@@ -351,22 +371,37 @@ class KTMModel(nn.Module):
             **kwargs,
         )
 
-    def target_nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example summed NLL and token count on target tokens, plus the answer-position logits.
+    def target_nll(self, batch: Batch, pred: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example summed NLL and token count on target tokens, plus the answer-position logits
+        (`pred`: the batch's target_logits when the caller already has them).
 
         Only the last T+1 positions go through the LM head (logits_to_keep): the prompt never needs
         vocabulary logits, which saves most of the head's compute and memory on long prompts.
         """
-        assert batch.targets is not None
-        T = batch.targets.shape[1]
-        logits = self.forward(batch, logits_to_keep=T + 1, use_cache=False).logits
-        pred = logits[:, :-1].float()
+        pred = self.target_logits(batch) if pred is None else pred
         nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), batch.targets.reshape(-1), ignore_index=-100, reduction="none")
         nll = nll.view(batch.targets.shape)
         counts = (batch.targets != -100).sum(-1)
         first = (batch.targets != -100).float().argmax(-1)  # first target position = the answer position
         answer_logits = pred[torch.arange(pred.shape[0]), first]
         return nll.sum(-1), counts, answer_logits
+
+    def target_logits(self, batch: Batch) -> torch.Tensor:
+        """(B, T, V) float logits predicting each target position (only those go through the LM head)."""
+        assert batch.targets is not None
+        T = batch.targets.shape[1]
+        return self.forward(batch, logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()
+
+    @torch.no_grad()
+    def teacher_logits(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+                       unscored: Sequence[int] | None = None) -> torch.Tensor:
+        """The frozen base reading the uncompressed prompt (adapters disabled: no second model in memory),
+        at the same target positions as a merged batch of the same examples: a distillation teacher."""
+        batch = self.build_batch(prompt_ids, 1, target_ids, unscored)
+        if self.lora_settings is None:
+            return self.target_logits(batch)
+        with self.lm.disable_adapter():
+            return self.target_logits(batch)
 
     @torch.no_grad()
     def classify(self, prompts: Sequence[str], labels: Sequence[str], k: int) -> torch.Tensor:
@@ -375,6 +410,31 @@ class KTMModel(nn.Module):
         batch = self.build_batch(self.tokenize_prompts(prompts), k)
         logits = self.forward(batch, logits_to_keep=1, use_cache=False).logits[:, -1]
         return logits[:, label_ids].argmax(-1)
+
+    # Generation in its two public steps, so a benchmark or a server runs exactly generate_ids' calls.
+    @torch.no_grad()
+    def prefill(self, batch: Batch):
+        """The one forward pass over the (merged) prompt: KV cache kept, LM head on the last position only
+        (the first new token needs nothing else). Returns the transformers output (.logits (B, 1, V),
+        .past_key_values)."""
+        return self.forward(batch, logits_to_keep=1, use_cache=True)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past_key_values):
+        """Feed one new token per row (tokens: (B,)) on the KV cache of the sequence so far, whose mask is
+        attention_mask (B, L) and whose last position is position_ids[:, -1:]. Returns (output, mask,
+        positions) grown by that token: pass them to the next step. The cache is extended in place."""
+        mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        pos = position_ids[:, -1:] + 1  # real positions only: left padding does not count
+        out = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, past_key_values=past_key_values,
+                      use_cache=True, logits_to_keep=1)
+        return out, mask, pos
+
+    @staticmethod
+    def pick(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next token per row from (B, V) logits: argmax at temperature 0, else top-p sampling."""
+        return _pick(logits, temperature, top_p, generator)
 
     @torch.no_grad()
     def generate(
@@ -395,21 +455,18 @@ class KTMModel(nn.Module):
         k = self.ks[-1] if k is None else check_k(k)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         batch = self.build_batch(prompt_ids, k)
-        out = self.forward(batch, logits_to_keep=1, use_cache=True)
+        out = self.prefill(batch)
         mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         tokens = []
         for step in range(max_new_tokens):
-            nxt = _pick(out.logits[:, -1], temperature, top_p, gen)
+            nxt = self.pick(out.logits[:, -1], temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done |= nxt == self.eos_id
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            pos = pos + 1
-            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                          past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out, mask, pos = self.decode_step(nxt, mask, pos, out.past_key_values)
         rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompt_ids]
         result = []
         for row in rows:  # cut each row after its first EOS
@@ -427,6 +484,28 @@ class KTMModel(nn.Module):
         return {"k": k, "prompt_embeds": embeds, "prompt_tokens": batch.prompt_tokens.tolist(),
                 "merged_tokens": batch.merged_tokens.tolist(), "adapter": getattr(self, "adapter_path", None)}
 
+    lora_merged = False  # True on the copies merged_for_serving makes
+
+    def merged_for_serving(self) -> "KTMModel":
+        """A copy whose LoRA is folded into the base weights (peft merge_and_unload): the same outputs
+        without the adapter's extra matmuls in every layer (unmerged LoRA cost ~25% of the K=1 prefill on
+        CPU, README "Speed"), and a plain transformers model for engines that take no LoRA.
+
+        A tied LM head is untied first: merging adds the head's LoRA delta into its weight, and when tied
+        that weight *is* the input embedding table, which the merge encoder and decoding read; it must stay
+        the base's. The copy cannot be saved as a ktm checkpoint (that stores the adapter): save this model."""
+        import copy
+
+        clone = copy.deepcopy(self, memo={id(self.tokenizer): self.tokenizer})  # the tokenizer is shared, not copied
+        if clone.lora_settings is None:
+            return clone.eval()
+        _untie_output_embeddings(clone.lm.get_base_model(), clone.embed)
+        clone.lm = clone.lm.merge_and_unload()
+        if clone.lm.get_input_embeddings() is not clone.embed or not torch.equal(clone.embed.weight, self.embed.weight):
+            raise AssertionError("merging the LoRA changed the input embedding table")  # not `assert`: survives -O
+        clone.lora_settings, clone.adapter_path, clone.lora_merged = None, None, True
+        return clone.eval()
+
     # -- save / load -----------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {
@@ -437,9 +516,11 @@ class KTMModel(nn.Module):
             "base_fingerprint": self.base_fingerprint,
             "hidden_size": self.hidden_size,
             "encoder_multiplier": self.encoder_multiplier,
+            "encoder_bound": self.encoder_bound,
             "lora": asdict(self.lora_settings) if self.lora_settings else None,
             "max_prompt_tokens": self.max_prompt_tokens,
             "long_prompt_policy": self.long_prompt_policy,
+            "compressor": self.compressor.name,
         }
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -448,6 +529,9 @@ class KTMModel(nn.Module):
         Ctrl-C or full disk never leaves a half-written file or a mix of two saves."""
         from safetensors.torch import save as safetensors_bytes
 
+        if self.lora_merged:  # its adapter is inside the base weights now: a checkpoint would silently lose it
+            raise KTMError("this model's LoRA is merged into its base weights (merged_for_serving): a ktm checkpoint "
+                           "stores the adapter, not merged weights", "save the unmerged model it was made from")
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.encoders.state_dict().items()}
             if state:
@@ -499,8 +583,9 @@ class KTMModel(nn.Module):
                 f"load it with the base it was trained on ({meta['base']})",
             )
         self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
-                   encoder_multiplier=meta.get("encoder_multiplier"), base_name=meta["base"], base_fingerprint=fp,
-                   max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"))
+                   encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta.get("encoder_bound"), base_name=meta["base"], base_fingerprint=fp,
+                   max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"),
+                   compressor=meta.get("compressor", "merge"))  # exports from before the key: the merge
         if lora is not None:
             from peft import PeftModel
 
@@ -521,6 +606,16 @@ class KTMModel(nn.Module):
                                f"({str(exc).splitlines()[0][:100]})", "check ktm.json matches the weights, or re-export") from None
         self.eval()
         return self
+
+
+def _untie_output_embeddings(lm: nn.Module, embed: nn.Module) -> None:
+    """Give an LM head that shares the input embedding's weight its own copy, and record it in the config
+    so neither peft's merge nor transformers' tie_weights ties (or warns about) them again."""
+    head = lm.get_output_embeddings()
+    layer = getattr(head, "base_layer", head)  # peft wraps a LoRA-targeted head around the original Linear
+    if layer is not None and layer.weight.data_ptr() == embed.weight.data_ptr():
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    lm.config.tie_word_embeddings = False
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

@@ -1,20 +1,26 @@
-"""Render a run's metrics.json as a markdown table (written to <run>/results.md and by `ktm report`).
+"""Render a run's metrics.json as a markdown table (written to <run>/results.md and by `ktm report`),
+and the runs of an experiment folder as mean ± std over seeds (<experiment>/summary.md, summary.json).
 
 Every accuracy sits beside balanced accuracy and the majority-class baseline; every compressed K
-beside the uncompressed K=1 of the same run.
+beside the uncompressed K=1 of the same run, and beside a K=1 LoRA trained alone (`make reference`)
+when the experiment folder holds one.
 """
 
 from __future__ import annotations
 
+import re
+import statistics
 from pathlib import Path
 
-from ktm.io import read_json, write_text
+from ktm.errors import KTMError
+from ktm.io import read_json, write_json, write_text
 
 
 CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("balanced acc.", "balanced_accuracy"),
                           ("majority baseline", "majority_baseline"), ("compression L", "compression"), ("P-L F1", "pl_f1")]
 PERPLEXITY_COLUMNS = [("perplexity", "perplexity"), ("uncompressed (K=1)", "perplexity_uncompressed"),
                       ("P = ppl1/ppl", "performance"), ("compression L", "compression"), ("P-L F1", "pl_f1")]
+BASE_COLUMNS = [("bare base (K=1, no LoRA)", "perplexity_base"), ("ppl / base ppl", "perplexity_vs_base")]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -33,6 +39,8 @@ def render(metrics: dict, title: str = "") -> str:
         rows = metrics.get(split)
         if not rows:
             continue
+        if any("perplexity_base" in m for m in rows.values()):  # model.eval_base: the bare base beside each K
+            columns = PERPLEXITY_COLUMNS + BASE_COLUMNS
         lines += ["| split | K | examples | " + " | ".join(title for title, _ in columns) + " |",
                   "|---|---|---|" + "---|" * len(columns)]
         for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
@@ -62,7 +70,144 @@ def write_report(run: str | Path) -> Path:
     return write_text(run / "results.md", text + "\n")
 
 
+# -- several runs: mean ± std over seeds ------------------------------------------------------------
+SEEDED = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")  # make train SEEDS=... names its runs <run>_s<seed>
+REFERENCES = ("k1ref_s*", "k1ref")  # make reference [SEEDS=...]
+REFERENCE_TITLE = "uncompressed reference (K=1 LoRA trained alone)"
+SUMMARY_COLUMNS = {"classification": [("accuracy", "accuracy"), ("balanced acc.", "balanced_accuracy"),
+                                      ("majority baseline", "majority_baseline"), ("P-L F1", "pl_f1")],
+                   "perplexity": [("perplexity", "perplexity"), ("P = ppl1/ppl", "performance"), ("P-L F1", "pl_f1")]}
+WHERE = "pass a run folder (checkpoints/<exp>/<run>) or an experiment folder (checkpoints/<exp>)"
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / "metrics.json").is_file()
+
+
+def runs_in(path: Path) -> list[Path]:
+    """`path` itself when it is a run folder, else the run folders in it."""
+    if not path.exists():
+        raise KTMError(f"{path} does not exist", WHERE)
+    if is_run(path):
+        return [path]
+    runs = sorted(p for p in path.iterdir() if is_run(p)) if path.is_dir() else []
+    if not runs:
+        raise KTMError(f"{path} holds no runs (no metrics.json in it or in any folder in it)",
+                       f"{WHERE}; a run writes metrics.json when its fit or test ends")
+    return runs
+
+
+def group_of(run: Path) -> tuple[str, int | None]:
+    """(group name, seed). Seeded runs group as `<name>_s*`, apart from a plain `<name>` run: that one
+    was seeded by its config, very likely with a seed the `_s<seed>` runs repeat."""
+    m = SEEDED.match(run.name)
+    return (f"{m['name']}_s*", int(m["seed"])) if m else (run.name, None)
+
+
+def stats(values: dict[str, float]) -> dict:
+    """Mean, sample std (n - 1; None for one run) and each run's value."""
+    numbers = list(values.values())
+    return {"mean": statistics.fmean(numbers), "std": statistics.stdev(numbers) if len(numbers) > 1 else None,
+            "n": len(numbers), "values": values}
+
+
+def aggregate(docs: dict[str, dict], keys: list[str]) -> dict:
+    """{split: {"k<K>": {metric: stats}}} over the runs `docs` ({run name: metrics.json})."""
+    found: dict = {}
+    for run, doc in docs.items():
+        for split in ("test", "val"):
+            for k, m in (doc.get(split) or {}).items():
+                for key in keys:
+                    if m.get(key) is not None:
+                        found.setdefault(split, {}).setdefault(k, {}).setdefault(key, {})[run] = m[key]
+    return {split: {k: {key: stats(v) for key, v in per_key.items()} for k, per_key in rows.items()}
+            for split, rows in found.items()}
+
+
+def reference_for(name: str, groups: dict) -> str | None:
+    if name in REFERENCES:
+        return None
+    order = REFERENCES if name.endswith("_s*") else REFERENCES[::-1]  # seeded beside seeded when both exist
+    return next((ref for ref in order if ref in groups), None)
+
+
+def summarize(runs: list[Path]) -> dict:
+    """The runs of one experiment folder by group: runs, seeds, task and the stats per split and K."""
+    members: dict[str, list[tuple[int | None, Path]]] = {}
+    for run in runs:
+        name, seed = group_of(run)
+        members.setdefault(name, []).append((seed, run))
+    groups = {}
+    for name, pairs in sorted(members.items()):
+        pairs.sort(key=lambda p: (p[0] or 0, p[1].name))
+        docs = {run.name: read_json(run / "metrics.json", "metrics file") for _, run in pairs}
+        data = next(iter(docs.values())).get("data", {})
+        task = data.get("task") if data.get("task") in SUMMARY_COLUMNS else "perplexity"
+        groups[name] = {"runs": list(docs), "seeds": [seed for seed, _ in pairs if seed is not None], "task": task,
+                        "benchmark": data.get("benchmark"),
+                        "splits": aggregate(docs, [key for _, key in SUMMARY_COLUMNS[task]])}
+    for name, group in groups.items():
+        group["reference"] = reference_for(name, groups)
+    return groups
+
+
+def _cell(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    if s["n"] == 1:
+        return _fmt(s["mean"])
+    return f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({', '.join(_fmt(v) for v in s['values'].values())})"
+
+
+def _row(split: str, k: str, m: dict, keys: list[str]) -> str:
+    n = max(s["n"] for s in m.values())
+    return f"| {split} | {k} | {n} | " + " | ".join(_cell(m.get(key)) for key in keys) + " |"
+
+
+def render_group(name: str, group: dict, reference: dict | None) -> list[str]:
+    columns = SUMMARY_COLUMNS[group["task"]]
+    keys = [key for _, key in columns]
+    lines = [f"#### `{name}`: {len(group['runs'])} run(s): {', '.join(group['runs'])}", ""]
+    if reference is not None:
+        lines += [f"*reference K=1*: {REFERENCE_TITLE}, `{group['reference']}` ({', '.join(reference['runs'])})", ""]
+    lines += ["| split | K | n | " + " | ".join(title for title, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for split in ("test", "val"):
+        rows = group["splits"].get(split, {})
+        for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
+            lines.append(_row(split, k[1:], m, keys))
+        ref = (reference or {}).get("splits", {}).get(split, {}).get("k1")
+        if rows and ref:  # right under the merged K of the same split
+            lines.append(_row(split, "*reference K=1*", ref, keys))
+    return lines + [""]
+
+
+def render_summary(title: str, groups: dict) -> str:
+    lines = [f"### {title}: mean ± sample std over seeds (each run's value in parentheses)", ""]
+    for name, group in groups.items():
+        lines += render_group(name, group, groups.get(group["reference"]))
+    return "\n".join(lines)
+
+
+def report_runs(folder: Path, runs: list[Path], write: bool) -> str:
+    """The summary of runs of the experiment folder `folder`; with `write` also its summary.{md,json}."""
+    groups = summarize(runs)
+    text = render_summary(folder.name, groups)
+    if write:
+        write_json(folder / "summary.json", {"experiment": folder.name, "groups": groups})
+        write_text(folder / "summary.md", text + "\n")
+    return text
+
+
 def main(argv: list[str]) -> None:
-    for run in argv or []:
-        path = write_report(run)
-        print(path.read_text())
+    paths = [Path(p) for p in argv or []]
+    if len(paths) == 1 and is_run(paths[0]):  # one run: its own table, as always
+        print(write_report(paths[0]).read_text())
+        return
+    by_folder: dict[Path, dict[Path, Path]] = {}
+    for path in paths:
+        for run in runs_in(path):
+            by_folder.setdefault(run.parent.resolve(), {})[run.resolve()] = run
+    # summary.* only for a folder named as a whole: a few of its runs must not replace its full summary
+    named = {p.resolve() for p in paths if not is_run(p)}
+    for folder, runs in by_folder.items():  # a group's reference is sought in its own experiment folder only
+        print(report_runs(folder, sorted(runs.values(), key=lambda r: r.name), folder in named))

@@ -62,3 +62,16 @@ def test_short_real_fit_exports_a_model_that_answers(tmp_path, capsys):
     # 16 training examples teach nothing yet: the check is that the exported run loads and decodes
     # (one printed answer, possibly whitespace); the tree_k4 recipe's accuracy is measured in the README.
     assert printed.endswith("\n") and len(printed) > 1
+
+
+def test_converting_the_base_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """The first run of a fresh clone converts the GGUF (a randomly initialised model is built on the way);
+    it must draw nothing from the global RNG, or that run's LoRA starts from other weights than every later
+    run's with the same seed (why a fresh clone's `make train` once missed the README's numbers)."""
+    monkeypatch.setenv("KTM_BASE_CACHE", str(tmp_path / "base"))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    resolve_base("smollm2-135m")  # converts: the cache folder is empty
+    assert (tmp_path / "base" / "smollm2-135m-instruct" / MANIFEST).exists()
+    assert torch.equal(torch.rand(4), expected)

@@ -7,7 +7,7 @@ import torch
 
 from ktm.encoder import MergeEncoder, hidden_size
 from ktm.errors import KTMError
-from ktm.model import KTMModel, block_layout, merged_length
+from ktm.model import KTMModel, LoraSettings, block_layout, merged_length
 
 PROMPTS = ["Tree: ab\n+cd, Task: Parent/Child Relationship, Parent: ab, Child: cd, Answer: ",
            "hi", "abc", "abcd", "abcde", "a much longer prompt than the others, with several words in it"]
@@ -28,6 +28,7 @@ def test_correction_ratio_is_zero_at_init_and_measures_the_learned_part(tiny):
     with torch.no_grad():
         last.weight.zero_()  # the fixture perturbs it; back to the init state
     assert tiny.correction_ratio(ids, 2) == 0.0 and tiny.correction_ratio(ids, 1) == 0.0
+    tiny.encoders["2"].bound = None  # the paper's unbounded encoder: the correction is the MLP's output
     with torch.no_grad():
         last.bias.fill_(1.0)  # the correction is now the constant vector of ones: norm sqrt(d)
     _, _, blocks = tiny._blocks(ids, 2)
@@ -35,6 +36,58 @@ def test_correction_ratio_is_zero_at_init_and_measures_the_learned_part(tiny):
     assert tiny.correction_ratio(ids, 2) == pytest.approx(expected, rel=1e-5)
     mean, correction = tiny.encoders["2"].parts(blocks)
     torch.testing.assert_close(tiny.encoders["2"](blocks), mean + correction)
+
+
+def test_bounded_encoder_is_exactly_the_mean_at_init_and_the_paper_near_it():
+    torch.manual_seed(0)
+    blocks = torch.randn(5, 4, 8)
+    bounded, free = MergeEncoder(4, 8), MergeEncoder(4, 8, bound=None)
+    assert torch.equal(bounded(blocks), blocks.mean(1))  # the bound scales a zero correction: still zero
+    with torch.no_grad():
+        torch.nn.init.normal_(bounded.mlp[-1].weight, std=1e-6)
+    free.load_state_dict(bounded.state_dict())
+    # |c| << |m|: the bounded correction is the free one to first order (c * (1 - |c|/|m|) for b = 1)
+    _, c_bounded = bounded.parts(blocks)
+    _, c_free = free.parts(blocks)
+    torch.testing.assert_close(c_bounded, c_free, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("bound", [0.5, 1.0, 2.0])
+def test_bound_holds_for_an_adversarially_large_correction(bound):
+    torch.manual_seed(0)
+    enc = MergeEncoder(4, 8, bound=bound)
+    with torch.no_grad():
+        enc.mlp[-1].bias.fill_(1e6)
+        enc.mlp[-1].weight.normal_(std=1e3)
+    blocks = torch.randn(50, 4, 8)
+    mean, correction = enc.parts(blocks)
+    ratio = correction.norm(dim=-1) / mean.norm(dim=-1)
+    assert float(ratio.max()) <= bound * (1 + 1e-6) and float(ratio.min()) > 0.99 * bound  # saturated, not past it
+    torch.testing.assert_close(enc(blocks), mean + correction)
+
+
+def _train_encoder_at_lr(model, ids, k, lr, steps=5):
+    enc = model.encoders[str(k)]
+    opt = torch.optim.SGD(enc.parameters(), lr=lr)
+    targets = [[7, 8, 9]] * len(ids)
+    for _ in range(steps):
+        batch = model.build_batch(ids, k, targets)
+        nll, counts, _ = model.target_nll(batch)
+        opt.zero_grad()
+        (-nll.sum() / counts.sum()).backward()  # ascend the loss: push the encoder as far as it will go
+        opt.step()
+
+
+def test_bounded_encoder_cannot_swamp_the_mean_at_lr_1_but_the_paper_encoder_does():
+    ratios = {}
+    for bound in (1.0, None):
+        torch.manual_seed(0)
+        model = KTMModel.from_base("config:tiny-llama", ks=[1, 4], lora=LoraSettings(r=0), encoder_bound=bound)
+        ids = model.tokenize_prompts(PROMPTS)
+        _train_encoder_at_lr(model, ids, 4, lr=1.0)
+        ratios[bound] = model.correction_ratio(ids, 4)
+    assert ratios[1.0] <= 1.0
+    assert ratios[None] > 2.0  # without the bound the same steps leave the mean far behind
 
 
 def test_encoder_k1_is_identity_and_paper_sizes():

@@ -1,5 +1,5 @@
-"""Interrupted runs resume exactly: kill -9 mid-epoch and Ctrl-C mid-step, then the documented resume
-command, end with the same weights and metrics as an uninterrupted run with the same seed.
+"""Interrupted runs resume exactly: kill -9 mid-epoch, Ctrl-C mid-step and SIGTERM, then the documented
+resume command, end with the same weights and metrics as an uninterrupted run with the same seed.
 
 The runs are real `python -m ktm.cli fit` processes on the tiny config-built Llama (LoRA dropout 0.05
 on, so the RNG stream matters). `FreezeAt` parks the process at a chosen step so the signal lands at a
@@ -34,13 +34,16 @@ ARGS = ["--exp", "tree_k4", "--model.base=config:tiny-llama", "--model.ks=[1,2]"
 
 class FreezeAt(L.Callback):
     """Test helper: when KTM_TEST_FREEZE_AT=<global step> is set, write KTM_TEST_FREEZE_MARK and sleep,
-    either after that step (`batch_end`) or inside the next one, after its forward pass (`backward`)."""
+    either after that step (`batch_end`) or inside the next one, after its forward pass (`backward`).
+    A SIGTERM ends the sleep (as a real step would end): Lightning stops after the step in flight."""
 
     def _freeze(self, trainer, where: str) -> None:
         at = os.environ.get("KTM_TEST_FREEZE_AT")
         if at and os.environ.get("KTM_TEST_FREEZE_WHERE", "batch_end") == where and trainer.global_step == int(at):
             Path(os.environ["KTM_TEST_FREEZE_MARK"]).write_text(str(trainer.global_step))
-            time.sleep(120)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not trainer.received_sigterm:
+                time.sleep(0.05)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._freeze(trainer, "batch_end")
@@ -61,13 +64,22 @@ def reference(tmp_path_factory):
     return tmp, tmp / "runs" / "tree_k4" / "reference"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_and_freeze(tmp: Path, run: str, at: int, where: str) -> subprocess.Popen:
     mark = tmp / f"{run}.frozen"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "KTM_DATA": str(tmp / "data"), "KTM_TEST_FREEZE_AT": str(at), "KTM_TEST_FREEZE_WHERE": where,
            "KTM_TEST_FREEZE_MARK": str(mark), "PYTHONWARNINGS": "ignore"}
+    # A job started with `cmd &` by a non-interactive shell inherits SIGINT as ignored, and Python keeps it
+    # so: the child sets the default disposition itself, so the Ctrl-C test does not depend on how pytest
+    # was launched (the product rightly respects an inherited ignore).
     proc = subprocess.Popen([sys.executable, "-m", "ktm.cli", "fit", *ARGS, "--root", str(tmp / "runs"), "--run", run],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 240
     while not mark.exists():
         if proc.poll() is not None:
@@ -134,3 +146,55 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_and_its_resume_command_matches(refer
     command = expected.split("Resume with: ktm ", 1)[1].split()
     assert main(command) == 0
     assert_same_as_reference(reference_run, run)
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_its_resume_command_matches(reference):
+    """What `timeout`, SLURM, Kubernetes and `docker stop` send: like Ctrl-C, but after the step in flight."""
+    tmp, reference_run = reference
+    proc = start_and_freeze(tmp, "sigterm", at=5, where="batch_end")  # epoch 1, after its first step
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    run = tmp / "runs" / "tree_k4" / "sigterm"
+    saved = run / "checkpoints" / "interrupted.ckpt"
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    expected = f"ktm: stopped by SIGTERM; saved {saved}. Resume with: ktm fit --config {run / 'config.yaml'} --ckpt_path {saved}"
+    assert expected in err.splitlines()
+    verify(saved, "checkpoint")
+    assert torch.load(saved, weights_only=False)["global_step"] == 5
+    assert not (run / "ktm.lock").exists()  # released on the way out
+    command = expected.split("Resume with: ktm ", 1)[1].split()
+    assert main(command) == 0
+    assert_same_as_reference(reference_run, run)
+
+
+def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, capsys):
+    """Ctrl-C pressed again (or SIGTERM after Ctrl-C) while interrupted.ckpt is written: the save completes,
+    the signals are only noted, and the handlers in place before come back."""
+    from types import SimpleNamespace
+
+    from ktm.io import write_bytes
+    from ktm.training.callbacks import SaveOnInterrupt
+
+    class Trainer:
+        state = SimpleNamespace(fn="fit")
+        is_global_zero = True
+        logger = None
+        default_root_dir = str(tmp_path / "run")
+
+        def save_checkpoint(self, path) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handlers run here, mid-save
+            write_bytes(path, b"state" * 1000)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    callback, trainer = SaveOnInterrupt(), Trainer()
+    callback.on_train_start(trainer, None)
+    callback.on_exception(trainer, None, KeyboardInterrupt())
+    saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    assert callback.saved == saved and callback.exit_code == 130
+    assert verify(saved, "checkpoint").read_bytes() == b"state" * 1000
+    err = capsys.readouterr().err
+    assert "ktm: finishing the checkpoint save first" in err and f"ktm: interrupted; saved {saved}. Resume with:" in err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

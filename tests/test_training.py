@@ -102,7 +102,8 @@ def test_a_diverging_encoder_is_named_with_the_fix(tmp_path):
     logging.getLogger("ktm").addHandler(catch)
     try:
         assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "hot", "--trainer.max_epochs=1", *TINY,
-                     "--model.ks=[2]", "--data.k_schedule=[2]", "--model.lr_encoder=1.0"]) == 0
+                     "--model.ks=[2]", "--data.k_schedule=[2]", "--model.lr_encoder=1.0",
+                     "--model.encoder_bound=null"]) == 0  # the paper's unbounded encoder: the bound would hold it
     finally:
         logging.getLogger("ktm").removeHandler(catch)
     warnings = [r.getMessage() for r in records if "merge encoder" in r.getMessage()]
@@ -184,3 +185,28 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert "world_size: 2" in proc.stderr + proc.stdout or "MEMBER: 2/2" in proc.stderr + proc.stdout
     metrics = json.loads((tmp_path / "runs" / "tree_k4" / "ddp" / "metrics.json").read_text())
     assert metrics["val"]["k2"]["examples"] == 16  # both ranks' halves counted once after the sync
+
+
+def test_optimizer_moments_restart_when_the_k_schedule_moves(tmp_path):
+    import torch
+
+    root = str(tmp_path)
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = records.append
+    ktm_log = logging.getLogger("ktm")
+    level = ktm_log.level
+    ktm_log.addHandler(catch)
+    ktm_log.setLevel(logging.INFO)
+    try:
+        assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "reset", "--trainer.max_epochs=2", *TINY,
+                     "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_encoder=1e-3"]) == 0
+    finally:
+        ktm_log.removeHandler(catch)
+        ktm_log.setLevel(level)
+    assert any(r.getMessage() == "K schedule moved from K=[1] to K=[2]: optimizer moments reset" for r in records)
+    ckpt = torch.load(tmp_path / "tree_k4" / "reset" / "checkpoints" / "last.ckpt", weights_only=True)
+    steps_per_epoch = ckpt["global_step"] // 2
+    lora_state = ckpt["optimizer_states"][0]["state"][0]  # the first LoRA parameter
+    assert int(lora_state["step"]) == steps_per_epoch  # counted from the switch, not from the start
+    assert ckpt["ktm_k_entry"] == [2]

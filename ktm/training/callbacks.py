@@ -1,4 +1,4 @@
-"""Callbacks: throughput, run outputs (metrics JSON + exported model), and a resumable checkpoint on Ctrl-C.
+"""Callbacks: throughput, run outputs (metrics JSON + exported model), and a resumable checkpoint on Ctrl-C or SIGTERM.
 
 Every number written here comes from the run itself; files are written atomically with checksums.
 """
@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from ktm.environment import environment
 from ktm.errors import KTMError
 from ktm.io import read_json, write_json
 from ktm.report import write_report
@@ -68,7 +72,7 @@ class Throughput(L.Callback):
 
 
 class RunOutputs(L.Callback):
-    """Writes <run>/metrics.json (val + test per K, data info, curriculum, speed) and <run>/export/
+    """Writes <run>/metrics.json (val + test per K, data info, curriculum, speed, versions and hardware) and <run>/export/
     (KTMModel.from_pretrained loads it) at the end of fit and test."""
 
     def __init__(self, export: bool = True):
@@ -102,6 +106,8 @@ class RunOutputs(L.Callback):
         if speed:
             doc.setdefault("speed", {}).update(speed)
         doc.setdefault("wall_seconds", {})[phase] = round(time.time() - self.started, 1)
+        # Per phase like wall_seconds: `ktm test` is its own process and may run on another machine.
+        doc.setdefault("environment", {})[phase] = environment()
         if phase == "fit":  # a later `ktm test` starts a fresh trainer at step 0
             doc["global_step"] = trainer.global_step
         write_json(path, doc)
@@ -121,28 +127,73 @@ class RunOutputs(L.Callback):
             self._write(trainer, pl_module, "validate")
 
 
-class SaveOnInterrupt(L.Callback):
-    """Ctrl-C during fit: save a resumable checkpoint and say how to resume (one line on stderr).
+@contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
+    """Within the block, SIGINT/SIGTERM are only noted (the list yielded), not acted on: a second Ctrl-C or
+    SIGTERM cannot cut short the checkpoint save that the first one started. The previous handlers come
+    back afterwards; the noted signals are not replayed (the command is stopping already)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
 
-    `saved` keeps the checkpoint path so the CLI can exit with 130 (Lightning itself exits with 1)."""
+    def note(signum, frame) -> None:
+        if not noted:
+            print("ktm: finishing the checkpoint save first", file=sys.stderr, flush=True)
+        noted.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in signums}
+    try:
+        yield noted
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM (timeout, SLURM, Kubernetes, docker stop) during fit: save a resumable checkpoint
+    and say how to resume (one line on stderr).
+
+    Lightning raises KeyboardInterrupt at once, and turns SIGTERM into SIGTERMException (a SystemExit
+    with code 0) after the training step in flight. `exit_code` is 130 / 143 for the CLI either way,
+    `saved` the checkpoint path. Nothing is saved before training started (the run's checkpoints are
+    then unchanged), nor by validate/test. A further signal during the save waits for it."""
 
     def __init__(self):
         self.saved: Path | None = None
+        self.exit_code: int | None = None
+        self._training = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._training = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, KeyboardInterrupt):
+            self.exit_code, what = 130, "interrupted"
+        elif isinstance(exception, SIGTERMException):
+            self.exit_code, what = 143, "stopped by SIGTERM"
+        else:
+            return
+        if trainer.state.fn != "fit" or not self._training:
+            if trainer.is_global_zero:
+                doing = "training started" if trainer.state.fn == "fit" else f"`ktm {trainer.state.fn}` finished"
+                print(f"ktm: {what} before {doing}; nothing was saved (the run's files are as they were)",
+                      file=sys.stderr, flush=True)
             return
         folder = run_dir(trainer)
         path = folder / "checkpoints" / "interrupted.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            with signals_deferred():
+                trainer.save_checkpoint(path)
         except Exception as exc:  # noqa: BLE001  (say so in one line; the earlier checkpoints are intact)
-            print(f"ktm: interrupted; could not save {path} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+            print(f"ktm: {what}; could not save {path} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
                   file=sys.stderr, flush=True)
             return
         self.saved = path
         config = folder / "config.yaml"
-        print(f"ktm: interrupted; saved {path}. Resume with: ktm fit --config {config} --ckpt_path {path}", file=sys.stderr, flush=True)
+        print(f"ktm: {what}; saved {path}. Resume with: ktm fit --config {config} --ckpt_path {path}", file=sys.stderr, flush=True)
 
 
 class ResumableRNG(L.Callback):
@@ -201,3 +252,29 @@ class ResumableRNG(L.Callback):
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochLog(L.Callback):
+    """One line per validation (epoch end) on the ktm logger: step, K, training loss, the val metrics per
+    K, elapsed time. Shows in a redirected log, where the progress bar writes nothing until the end."""
+
+    def __init__(self):
+        self._start = time.monotonic()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+        if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
+            log.info("training in %s precision on %s", trainer.precision, trainer.accelerator.__class__.__name__)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        parts = [f"epoch {trainer.current_epoch}", f"step {trainer.global_step}", f"K={pl_module.current_k()}",
+                 f"loss {float(loss):.3f}" if loss is not None else "loss -"]
+        for k, values in sorted(pl_module.results.get("val", {}).items()):
+            shown = [f"{name} {values[name]:.3f}" for name in ("balanced_accuracy", "perplexity") if name in values]
+            parts.append(f"val k{k}: " + ", ".join(shown))
+        parts.append(f"{time.monotonic() - self._start:.0f} s")
+        log.info(" | ".join(parts))

@@ -37,11 +37,17 @@ class KTMModule(L.LightningModule):
         warmup_steps: int = 0,
         dtype: str = "float32",
         encoder_multiplier: float | None = None,
+        encoder_bound: float | None = 1.0,
+        compressor: str = "merge",
         max_prompt_tokens: int | None = None,
         long_prompt_policy: str = "error",
         eval_ks: list[int] | None = None,
         generate_eval_examples: int = 0,
         generate_max_new_tokens: int = 512,
+        distill_weight: float = 0.0,
+        eval_base: bool = False,
+        init_from: str | None = None,
+        reset_optimizer_on_k_change: bool = True,
     ):
         """
         Args:
@@ -57,17 +63,30 @@ class KTMModule(L.LightningModule):
             warmup_steps: linear learning-rate warm-up steps, then constant.
             dtype: weights dtype of the base (float32 on CPU; bfloat16 on GPU).
             encoder_multiplier: f in the hidden size h = int(f*K)*d (None = the paper's rule, see ktm.encoder).
+            compressor: what the LM reads at length ~n/K (ktm.compressors): merge (the method), none,
+                truncate_tail, truncate_head, random_drop, self_information, mean_pool, llmlingua2.
+            encoder_bound: b in |correction| < b * |block mean| (soft bound, see ktm.encoder); None = the
+                paper's unbounded encoder, which diverges at encoder learning rates that suit another K.
             max_prompt_tokens: longest prompt accepted (None = the base's context length).
             long_prompt_policy: "error" or "truncate_left" for prompts over max_prompt_tokens (counted).
             eval_ks: K values evaluated at validation/test (None = all of ks).
             generate_eval_examples: at test, also generate the answer for this many test examples per K
                 (greedy, KV cache) and report exact match + line-level edit similarity (0 = off).
             generate_max_new_tokens: cap on generated tokens per example for that check.
+            distill_weight: at K > 1 training steps, add this times the KL from the frozen base reading the
+                uncompressed prompt (adapters disabled) to the merged model, on every target token (0 = off).
+            eval_base: perplexity tasks: also score the bare base (no adapters, K=1) at val/test, so each K
+                reads against the uncompressed base (`perplexity_base`, `perplexity_vs_base`).
+            reset_optimizer_on_k_change: clear AdamW's moments when the K schedule moves to a new entry. After
+                a K=1 epoch at loss ~0 the second moments are tiny, so the first K=2 gradients take steps many
+                times the lr and wipe out what the LoRA learned (seen: K=1 val 0.99 -> 0.52 in one K=2 epoch).
+            init_from: an export folder (checkpoints/<exp>/<run>/export) whose LoRA and merge encoders this
+                run starts from, e.g. a reading-stage run; its base, LoRA shape and K must fit this run's.
         """
         super().__init__()
         self.save_hyperparameters()
         encoder_lrs = _per_k(lr_encoder) if isinstance(lr_encoder, dict) else {}
-        checks = [("lr_lora", lr_lora), ("weight_decay", weight_decay)]
+        checks = [("lr_lora", lr_lora), ("weight_decay", weight_decay), ("distill_weight", distill_weight)]
         checks += [(f"lr_encoder[{k}]", v) for k, v in encoder_lrs.items()] if encoder_lrs else [("lr_encoder", lr_encoder)]
         for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -76,13 +95,18 @@ class KTMModule(L.LightningModule):
             raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
-            base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier,
+            base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
+            compressor=compressor,
             max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
         if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
             missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
             if missing:
                 raise KTMError(f"model.lr_encoder gives no learning rate for the K={missing} merge encoder (it has K={sorted(encoder_lrs)})",
                                "give one learning rate per K > 1 of model.ks, or a single number for all")
+        if init_from:
+            from ktm.training.init_from import load_trained_weights
+
+            log.info("starting from the LoRA and encoders of %s (K=%s)", init_from, load_trained_weights(self.model, init_from))
         self.eval_ks = sorted(set(eval_ks or self.model.ks))
         missing = [k for k in self.eval_ks if k not in self.model.ks]
         if missing:
@@ -95,6 +119,7 @@ class KTMModule(L.LightningModule):
         self._label_ids: list[int] = []
         self._warned_ks: set[int] = set()
         self._encoder_lrs = encoder_lrs  # {K: lr}, empty when one lr serves all encoders
+        self._k_entry: list[int] | None = None  # the K schedule entry trained last (checkpointed)
 
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -110,8 +135,9 @@ class KTMModule(L.LightningModule):
         self._check_lengths(dm, stage)
         if not len(self.metrics):
             n = len(self.labels) if self.task == "classification" else 0
+            extra = ["base"] if self.hparams.eval_base and self.task == "perplexity" else []
             for split in ("val", "test"):
-                self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in self.eval_ks})
+                self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in [*self.eval_ks, *extra]})
 
     def _check_lengths(self, dm, stage: str) -> None:
         """All prompts this call will see (every stage's full splits: training resamples each epoch)."""
@@ -124,23 +150,46 @@ class KTMModule(L.LightningModule):
     def current_k(self) -> int:
         return self.trainer.datamodule.current_k(default=self.model.ks[-1])
 
+    def _token_ids(self, batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """(prompt ids, target ids with any cue in front, how many leading target ids are the cue)."""
+        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
+        target_ids = self.model.tokenize_targets(batch["targets"])
+        cues = batch.get("cues") or [""] * len(target_ids)
+        cue_ids = [self.model.tokenize_targets([c], add_eos=False)[0] if c else [] for c in cues]
+        return prompt_ids, [c + t for c, t in zip(cue_ids, target_ids)], [len(c) for c in cue_ids]
+
     def _batch(self, batch: dict[str, Any], k: int):
         """(prompt token ids, the merged Batch with the targets)."""
-        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
-        return prompt_ids, self.model.build_batch(prompt_ids, k, self.model.tokenize_targets(batch["targets"]))
+        prompt_ids, target_ids, unscored = self._token_ids(batch)
+        return prompt_ids, self.model.build_batch(prompt_ids, k, target_ids, unscored)
 
     # -- steps -----------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        entry = self.trainer.datamodule.current_ks(default=self.model.ks[-1])
+        if self.hparams.reset_optimizer_on_k_change and self._k_entry is not None and entry != self._k_entry:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()  # fresh moments: AdamW's bias correction makes the first steps ~lr again
+            log.info("K schedule moved from K=%s to K=%s: optimizer moments reset", self._k_entry, entry)
+        self._k_entry = list(entry)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
-        prompt_ids, b = self._batch(batch, k)
-        nll, counts, _ = self.model.target_nll(b)
+        prompt_ids, target_ids, unscored = self._token_ids(batch)
+        b = self.model.build_batch(prompt_ids, k, target_ids, unscored)
+        pred = self.model.target_logits(b)
+        nll, counts, _ = self.model.target_nll(b, pred)
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
+        if self.hparams.distill_weight > 0 and k > 1:
+            kl = distill_kl(pred, self.model.teacher_logits(prompt_ids, target_ids, unscored), b.targets)
+            self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
+            self.log(f"train/k{k}/target_loss", loss, batch_size=bs)
+            loss = loss + self.hparams.distill_weight * kl
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
-        if k > 1 and step % max(self.trainer.log_every_n_steps, 1) == 0:
+        if k > 1 and self.model.compressor.uses_encoder and step % max(self.trainer.log_every_n_steps, 1) == 0:
             self._watch_encoder(prompt_ids, k, bs)
         self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
@@ -157,7 +206,7 @@ class KTMModule(L.LightningModule):
             self._warned_ks.add(k)
             log.warning("the K=%d merge encoder's learned correction is %.0fx the mean of its tokens "
                         "(train/k%d/encoder_correction_ratio): it is diverging and K=%d will likely stay at chance; "
-                        "lower model.lr_encoder for it (e.g. {..., %d: 1.0e-4})", k, ratio, k, k, k)
+                        "set model.encoder_bound (e.g. 1.0) or lower model.lr_encoder for it (e.g. {..., %d: 1.0e-4})", k, ratio, k, k, k)
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         labels = None
@@ -168,6 +217,11 @@ class KTMModule(L.LightningModule):
             nll, counts, answer_logits = self.model.target_nll(b)
             preds = answer_logits[:, self._label_ids].argmax(-1) if labels is not None else None
             self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels)
+        if "base" in self.metrics[split]:  # the bare base on the uncompressed prompt: what merging is measured against
+            prompt_ids, target_ids, unscored = self._token_ids(batch)
+            b = self.model.build_batch(prompt_ids, 1, target_ids, unscored)
+            nll, counts, _ = self.model.target_nll(b, self.model.teacher_logits(prompt_ids, target_ids, unscored))
+            self.metrics[split]["base"].update(nll, counts, b.prompt_tokens, b.merged_tokens, None, None)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -177,6 +231,10 @@ class KTMModule(L.LightningModule):
 
     def _eval_epoch_end(self, split: str) -> dict[int, dict[str, float]]:
         per_k = {k: self.metrics[split][str(k)].compute() for k in self.eval_ks}
+        if "base" in self.metrics[split]:
+            base = float(self.metrics[split]["base"].compute()["perplexity"])
+            for values in per_k.values():
+                values["perplexity_base"], values["perplexity_vs_base"] = base, values["perplexity"] / base
         for m in self.metrics[split].values():
             m.reset()
         if self.task == "perplexity":
@@ -238,18 +296,28 @@ class KTMModule(L.LightningModule):
         checkpoint["state_dict"] = {n: t for n, t in checkpoint["state_dict"].items() if n in trainable}
         checkpoint["ktm"] = self.model.metadata()
         checkpoint["ktm_counts"] = {"truncated_prompts": self.model.truncated_prompts}  # so a resumed run keeps counting
+        checkpoint["ktm_k_entry"] = self._k_entry  # a resumed epoch is not a K change
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ktm")
         if saved is None:
             raise KTMError("this checkpoint was not written by ktm (no 'ktm' metadata)", "resume from a checkpoints/<exp>/<run>/checkpoints/*.ckpt file")
         mine = self.model.metadata()
-        for key in ("base_fingerprint", "ks", "keep_tail", "hidden_size"):
-            if saved.get(key) != mine.get(key):
+        for key in ("base_fingerprint", "ks", "keep_tail", "hidden_size", "encoder_bound"):
+            if saved.get(key) != mine.get(key):  # an export or checkpoint without encoder_bound was unbounded (None)
                 raise KTMError(
                     f"checkpoint was trained with {key}={str(saved.get(key))[:40]}, this run has {str(mine.get(key))[:40]}",
                     "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
         self.model.truncated_prompts = checkpoint.get("ktm_counts", {}).get("truncated_prompts", 0)
+        self._k_entry = checkpoint.get("ktm_k_entry")
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over scored target positions of KL(teacher || student) between next-token distributions."""
+    mask = targets != -100
+    t = torch.log_softmax(teacher[mask], -1)
+    s = torch.log_softmax(student[mask], -1)
+    return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
 
 
 def _per_k(values: dict) -> dict[int, Any]:

@@ -1,0 +1,51 @@
+"""The Makefile's commands (`make -n`: printed, not run): pinned installs, seeded runs and the K=1 reference."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def _dry(*args: str) -> list[str]:
+    out = subprocess.run(["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def _ktm(lines: list[str]) -> list[str]:
+    return [line for line in lines if "/ktm " in line]
+
+
+def test_install_uses_the_constraints():
+    pip = [line for line in _dry("install") if "pip install" in line]
+    assert len(pip) == 2 and all("-c constraints.txt" in line for line in pip)
+    assert '-c constraints.txt -e ".[test]" "torch==2.13.0"' in pip[1]
+
+
+def test_train_without_seeds_is_one_run():
+    assert _ktm(_dry("train")) == [
+        ".venv/bin/ktm fit --exp tree_k4 --run default ",
+        ".venv/bin/ktm test --config checkpoints/tree_k4/default/config.yaml --ckpt_path checkpoints/tree_k4/default/checkpoints/last.ckpt"]
+
+
+def test_train_with_seeds_runs_each_into_its_folder():
+    (loop, report) = _ktm(_dry("train", "SEEDS=0 1 2", "RUN=r", "ARGS=--model.ks=[1,4]"))
+    assert loop.startswith("for s in 0 1 2; do ") and loop.endswith("|| exit 1; done")
+    assert ".venv/bin/ktm fit --exp tree_k4 --run r_s$s  --seed_everything=$s --data.seed=$s --model.ks=[1,4] &&" in loop
+    assert "--config checkpoints/tree_k4/r_s$s/config.yaml --ckpt_path checkpoints/tree_k4/r_s$s/checkpoints/last.ckpt" in loop
+    assert report == ".venv/bin/ktm report checkpoints/tree_k4"
+
+
+@pytest.mark.parametrize("seeds, run", [("", "k1ref"), ("SEEDS=5", "k1ref_s$s")])
+def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
+    lines = _ktm(_dry("reference", "EXP=amazon_k4", *([seeds] if seeds else [])))
+    fit = f".venv/bin/ktm fit --exp amazon_k4 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
+    assert fit in lines[0] and f"--config checkpoints/amazon_k4/{run}/config.yaml" in lines[0]
+    assert ("--seed_everything=$s --data.seed=$s" in lines[0]) == bool(seeds)
+    assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
+    assert lines[-1] == ".venv/bin/ktm report checkpoints/amazon_k4"

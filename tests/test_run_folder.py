@@ -1,0 +1,375 @@
+"""A run folder belongs to one run (ktm/training/run_folder.py): plain names, one run per folder (resume it,
+pick another --run, or --overwrite moves it aside), one process per folder (a lock with the owner's pid),
+nothing written before every check passed, and `ktm test` without --ckpt_path never evaluates the untrained
+model into a trained run.
+
+The unit tests work on plain folders; the CLI tests either fail before the base loads or use one tiny fit
+(the config-built 2-layer Llama) that each mutating test copies first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ktm.training.run_folder as rf
+from ktm.cli import main
+from ktm.errors import KTMError
+from ktm.io import sha256_file
+from ktm.training.run_folder import LOCK_NAME, RunFolder, RunLock, check_name, eval_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model.base=config:tiny-llama", "--model.ks=[1,2]", "--data.k_schedule=[1,2]",
+        "--data.benchmark_args={n_trees: 120}", "--data.max_train_examples=16", "--data.max_val_examples=8",
+        "--data.max_test_examples=8", "--data.batch_size=8", "--data.eval_batch_size=8", "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ktm: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err and " -> " in errors[0], err
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fake_run(folder: Path, *, ckpt: bool = True, export: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("run: r\n")
+    if ckpt:
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    if export:
+        (folder / "export").mkdir()
+    return folder
+
+
+@pytest.fixture
+def ktm_log(caplog):
+    logger = logging.getLogger("ktm")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="ktm")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- names --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "is empty"), ("   ", "is empty"), (".", "is not a folder name"), ("..", "is not a folder name"),
+    ("a/b", "contains a path separator"), ("../escape", "contains a path separator"),
+    ("/tmp/abs", "contains a path separator"), ("a\\b", "contains a path separator"),
+    ("a\nb", "contains a control character"), ("a\x00b", "contains a control character"),
+    (" lead", "starts or ends with a space"), ("x" * 201, "is longer than 200 bytes"),
+])
+def test_run_and_experiment_names_are_plain_folder_names(name, why):
+    with pytest.raises(KTMError) as exc:
+        check_name(name, "--run")
+    text = str(exc.value)
+    assert f"--run {name!r} {why}: run and experiment names are plain folder names inside --root -> use a name like --run " in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("name", ["default", "k4_s0", "run-1.2", "überlauf", "a b", ".hidden"])
+def test_plain_names_pass(name):
+    assert check_name(name, "--experiment") == name
+
+
+# -- one run per folder ---------------------------------------------------------------------------------
+
+
+def test_fit_into_a_folder_that_holds_a_run_is_refused_with_the_fixes(tmp_path):
+    run = fake_run(tmp_path / "tree_k4" / "r")
+    before = snapshot(run)
+    with pytest.raises(KTMError) as exc:
+        RunFolder.claim(tmp_path, "tree_k4", "r")
+    text = str(exc.value)
+    assert text.startswith(f"run folder {run} already holds a run (config.yaml, checkpoints); a new fit there would mix with it -> ")
+    assert f"resume it: ktm fit --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in text
+    assert "pick another --run, or add --overwrite to move the old run aside to r.old-<time> (nothing is deleted)" in text
+    assert snapshot(run) == before  # no lock left behind either
+
+
+@pytest.mark.parametrize("marker", ["config.yaml", "checkpoints", "metrics.json", "export"])
+def test_each_run_file_marks_a_started_or_finished_run(tmp_path, marker):
+    run = tmp_path / "e" / "r"
+    run.mkdir(parents=True)
+    (run / marker).mkdir() if marker in ("checkpoints", "export") else (run / marker).write_text("{}")
+    with pytest.raises(KTMError, match=rf"already holds a run \({marker}\)"):
+        RunFolder.claim(tmp_path, "e", "r")
+    (run / "events.out.tfevents.1").write_text("")  # TensorBoard files alone are not a run
+    (run / marker).rmdir() if marker in ("checkpoints", "export") else (run / marker).unlink()
+    RunFolder.claim(tmp_path, "e", "r").release()
+
+
+def test_resuming_into_its_own_folder_is_allowed_a_checkpoint_of_another_run_is_not(tmp_path):
+    run = fake_run(tmp_path / "e" / "r")
+    for ckpt in (run / "checkpoints" / "last.ckpt", "last"):
+        RunFolder.claim(tmp_path, "e", "r", ckpt_path=str(ckpt)).release()
+    other = fake_run(tmp_path / "e" / "other") / "checkpoints" / "last.ckpt"
+    with pytest.raises(KTMError, match=rf"already holds a run .* -> to start from {other}, pick another --run, or add --overwrite"):
+        RunFolder.claim(tmp_path, "e", "r", ckpt_path=str(other))
+    RunFolder.claim(tmp_path, "e", "fresh", ckpt_path=str(other)).release()  # a new run from another's checkpoint
+
+
+def test_overwrite_moves_the_old_run_aside_when_the_run_begins_and_deletes_nothing(tmp_path, ktm_log):
+    run = fake_run(tmp_path / "e" / "r", export=True)
+    before = snapshot(run)
+    folder = RunFolder.claim(tmp_path, "e", "r", overwrite=True)
+    assert snapshot(run).keys() == {*before, LOCK_NAME}  # nothing moved before the run starts
+    aside = folder.begin()
+    assert aside is not None and aside.parent == run.parent and aside.name.startswith("r.old-")
+    assert snapshot(aside) == before  # every file kept, the lock not carried along
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"--overwrite: moved the previous run {run} aside to {aside}" in ktm_log.text
+    folder.release()
+    assert not (run / LOCK_NAME).exists() and run.is_dir()
+    # twice in the same second: a second aside name, never a clash
+    fake_run(tmp_path / "e" / "r2")
+    first = RunFolder.claim(tmp_path, "e", "r2", overwrite=True)
+    first.begin()
+    first.release()
+    (run.parent / "r2" / "config.yaml").write_text("again\n")
+    second = RunFolder.claim(tmp_path, "e", "r2", overwrite=True)
+    second.begin()
+    second.release()
+    assert len(list(run.parent.glob("r2.old-*"))) == 2
+
+
+def test_overwrite_is_refused_with_a_resume_or_outside_fit(tmp_path):
+    run = fake_run(tmp_path / "e" / "r")
+    with pytest.raises(KTMError, match=r"--overwrite with --ckpt_path .* which is inside the run folder .* -> drop --overwrite to resume"):
+        RunFolder.claim(tmp_path, "e", "r", ckpt_path=str(run / "checkpoints" / "last.ckpt"), overwrite=True)
+    with pytest.raises(KTMError, match=r"--overwrite is only for `ktm fit` \(got `ktm test`\) -> drop --overwrite"):
+        RunFolder.claim(tmp_path, "e", "r", command="ktm test", overwrite=True)
+
+
+def test_a_folder_this_command_made_is_removed_when_nothing_was_written(tmp_path):
+    root = tmp_path / "runs"
+    folder = RunFolder.claim(root, "e", "r")
+    assert (root / "e" / "r" / LOCK_NAME).exists()
+    (root / "e" / "r" / "hparams.yaml").write_text("{}")  # TensorBoard's, written before training starts
+    folder.release()
+    assert not root.exists()  # the root, experiment and run folders were all made by this command
+    (root / "e").mkdir(parents=True)
+    RunFolder.claim(root, "e", "r").release()
+    assert sorted(p.name for p in root.rglob("*")) == ["e"]
+    folder = RunFolder.claim(root, "e", "r")
+    folder.begin()
+    (root / "e" / "r" / "config.yaml").write_text("run: r\n")  # the run started: kept
+    folder.release()
+    assert sorted(p.name for p in (root / "e" / "r").iterdir()) == ["config.yaml"]
+
+
+# -- one process per folder -------------------------------------------------------------------------------
+
+
+def test_a_second_claim_on_a_locked_folder_is_refused(tmp_path):
+    first = RunFolder.claim(tmp_path, "e", "r")
+    with pytest.raises(KTMError) as exc:
+        RunFolder.claim(tmp_path, "e", "r", command="ktm test")
+    text = str(exc.value)
+    assert text.startswith(f"run folder {tmp_path / 'e' / 'r'} is in use by another `ktm fit` (pid {os.getpid()} on ")
+    assert "so `ktm test` would mix its files with that run's -> wait for it to finish, or pick another --run (or --root)" in text
+    first.release()
+    RunFolder.claim(tmp_path, "e", "r").release()
+
+
+def test_a_live_lock_of_another_process_is_refused_a_killed_ones_is_taken_over(tmp_path, ktm_log):
+    folder = tmp_path / "e" / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ktm.training.run_folder import RunLock; "
+         "RunLock(Path(sys.argv[1])).acquire('ktm fit'); print('locked', flush=True); time.sleep(120)", str(folder)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KTMError, match=rf"is in use by another `ktm fit` \(pid {holder.pid} on "):
+            RunFolder.claim(tmp_path, "e", "r")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # what kill -9, an OOM kill or a power cut leave: the lock file stays
+        holder.wait()
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == holder.pid
+    claimed = RunFolder.claim(tmp_path, "e", "r")
+    assert f"took over the stale lock {folder / LOCK_NAME} of pid {holder.pid}" in ktm_log.text
+    assert "that `ktm fit` is no longer running" in ktm_log.text
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    claimed.release()
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch, ktm_log):
+    monkeypatch.setattr(rf, "fcntl", None)  # a filesystem without flock: alive = busy, dead = stale
+    folder = tmp_path / "e" / "r"
+    folder.mkdir(parents=True)
+    lock = folder / LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": rf.socket.gethostname(), "command": "ktm fit"}))
+    with pytest.raises(KTMError, match=rf"in use by another `ktm fit` \(pid {os.getppid()} on "):
+        RunFolder.claim(tmp_path, "e", "r")
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": "elsewhere", "command": "ktm fit"}))
+    with pytest.raises(KTMError, match=rf"-> wait for it to finish, .*; if that run is gone, delete {lock}"):
+        RunFolder.claim(tmp_path, "e", "r")
+    gone = dead_pid()
+    lock.write_text(f"{gone}\n")  # a bare pid (hand-made or foreign) is read too
+    claimed = RunFolder.claim(tmp_path, "e", "r")
+    assert f"took over the stale lock {lock} of pid {gone}" in ktm_log.text
+    claimed.release()
+    assert not lock.exists()
+
+
+def test_a_stale_lock_file_with_flock_is_taken_over(tmp_path, ktm_log):
+    folder = tmp_path / "e" / "r"
+    folder.mkdir(parents=True)
+    gone = dead_pid()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": gone, "host": "h", "command": "ktm fit", "started": "then"}))
+    RunFolder.claim(tmp_path, "e", "r").release()
+    assert f"took over the stale lock {folder / LOCK_NAME} of pid {gone} on h since then" in ktm_log.text
+
+
+# -- test/validate without --ckpt_path ---------------------------------------------------------------------
+
+
+def test_evaluating_a_trained_run_without_a_checkpoint_uses_last_or_refuses(tmp_path):
+    assert eval_checkpoint(tmp_path / "none", "ktm test") is None  # no run: the untrained model (a baseline)
+    run = fake_run(tmp_path / "r")
+    assert eval_checkpoint(run, "ktm test") == run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "last.ckpt").rename(run / "checkpoints" / "epoch=0-step=2.ckpt")
+    with pytest.raises(KTMError, match=r"has checkpoints but no last.ckpt, and `ktm validate` was given no --ckpt_path -> "
+                                       r"pass --ckpt_path .*epoch=0-step=2.ckpt"):
+        eval_checkpoint(run, "ktm validate")
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.json").write_text(json.dumps({"global_step": 8}))
+    with pytest.raises(KTMError, match=r"holds a trained run but no checkpoint to evaluate.*untrained model's numbers"):
+        eval_checkpoint(run, "ktm test")
+    (run / "metrics.json").write_text(json.dumps({"test": {}}))  # a baseline's own metrics: no fit wrote them
+    assert eval_checkpoint(run, "ktm test") is None
+
+
+# -- through the CLI, refused before the base loads -------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--run", "../escape"], "--run '../escape' contains a path separator"),
+    (["--run="], "--run '' is empty"),
+    (["--experiment", "/tmp/abs"], "--experiment '/tmp/abs' contains a path separator"),
+    (["--run", ".."], "--run '..' is not a folder name"),
+])
+def test_cli_refuses_names_that_leave_the_root(args, message, tmp_path, capsys):
+    root = tmp_path / "runs"
+    assert main(["fit", "--exp", "tree_k4", *TINY, "--root", str(root), *args]) == 2
+    assert message in error_line(capsys)
+    assert not root.exists()
+
+
+def test_cli_refuses_a_folder_with_a_run_a_locked_folder_and_overwrite_outside_fit(tmp_path, capsys):
+    root = tmp_path / "runs"
+    run = fake_run(root / "tree_k4" / "r")
+    before = snapshot(run)
+    assert main(["fit", "--exp", "tree_k4", *TINY, "--root", str(root), "--run", "r"]) == 2
+    assert f"run folder {run} already holds a run (config.yaml, checkpoints)" in error_line(capsys)
+    assert snapshot(run) == before
+    held = RunFolder.claim(root, "tree_k4", "busy")
+    try:
+        assert main(["fit", "--exp", "tree_k4", *TINY, "--root", str(root), "--run", "busy"]) == 2
+        assert f"is in use by another `ktm fit` (pid {os.getpid()}" in error_line(capsys)
+    finally:
+        held.release()
+    assert main(["test", "--exp", "tree_k4", *TINY, "--root", str(root), "--run", "fresh", "--overwrite"]) == 2
+    assert "--overwrite is only for `ktm fit` (got `ktm test`)" in error_line(capsys)
+
+
+# -- through the CLI, on a trained run ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import ktm.benchmarks.common as common
+
+    tmp = tmp_path_factory.mktemp("run_folder")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "DATA_DIR", tmp / "data")
+        assert main(["fit", "--exp", "tree_k4", "--root", str(tmp / "runs"), "--run", "r", *TINY]) == 0
+    return tmp / "runs" / "tree_k4" / "r"
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run; its config.yaml names the copy's root (as if trained there)."""
+    root = tmp_path / "runs"
+    shutil.copytree(trained.parents[1], root)
+    cfg = root / "tree_k4" / "r" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace(str(trained.parents[1]), str(root)))
+    return root / "tree_k4" / "r"
+
+
+def test_a_run_config_with_other_root_experiment_and_run_writes_there_only(trained, tmp_path, capsys):
+    before = snapshot(trained)
+    other = tmp_path / "elsewhere"
+    assert main(["fit", "--config", str(trained / "config.yaml"), "--root", str(other), "--experiment", "e2", "--run", "copy",
+                 "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), "--trainer.max_epochs=2"]) == 0
+    copy = other / "e2" / "copy"
+    assert (copy / "metrics.json").exists() and (copy / "export" / "ktm.json").exists()
+    assert (copy / "checkpoints" / "last.ckpt").exists() and list(copy.glob("events.out.tfevents.*"))
+    steps = json.loads((trained / "metrics.json").read_text())["global_step"]
+    assert json.loads((copy / "metrics.json").read_text())["global_step"] == 2 * steps  # resumed: a second epoch
+    saved = (copy / "config.yaml").read_text()
+    assert f"save_dir: {other}" in saved and "version: copy" in saved and "name: e2" in saved
+    assert "ckpt_path: null" in saved and "overwrite: false" in saved  # a resume names its own checkpoint
+    assert snapshot(trained) == before  # the original run: not one byte changed
+    assert not (copy / LOCK_NAME).exists()
+
+
+def test_fit_again_is_refused_and_a_check_that_fails_late_changes_nothing(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    before, config_sha = snapshot(run), sha256_file(run / "config.yaml")
+    assert main(["fit", "--config", str(run / "config.yaml")]) == 2
+    assert f"run folder {run} already holds a run (config.yaml, checkpoints, metrics.json, export)" in error_line(capsys)
+    # data.k_schedule vs model.ks is checked once the base has loaded: the run's config.yaml is not rewritten
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                 "--data.k_schedule=[1,4]"]) == 2
+    assert "data.k_schedule uses K=[4] but model.ks is [1, 2]" in error_line(capsys)
+    assert snapshot(run) == before and sha256_file(run / "config.yaml") == config_sha
+    # the same into a new run: its folder does not stay behind
+    assert main(["fit", "--exp", "tree_k4", *TINY, "--root", str(tmp_path / "runs"), "--run", "fresh", "--data.k_schedule=[1,4]"]) == 2
+    assert "data.k_schedule uses K=[4]" in error_line(capsys)
+    assert not (tmp_path / "runs" / "tree_k4" / "fresh").exists()
+
+
+def test_test_without_ckpt_path_evaluates_last_ckpt_and_says_so(trained, tmp_path, ktm_log):
+    run = copy_run(trained, tmp_path)
+    config = (run / "config.yaml").read_bytes()
+    assert main(["test", "--config", str(run / "config.yaml")]) == 0
+    assert f"ktm test without --ckpt_path: evaluating the run's {run / 'checkpoints' / 'last.ckpt'}" in ktm_log.text
+    implicit = json.loads((run / "metrics.json").read_text())["test"]
+    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["test"] == implicit  # the trained model's numbers
+    assert (run / "config.yaml").read_bytes() == config  # test keeps the fit's config
+
+
+def test_overwrite_through_the_cli_trains_anew_beside_the_moved_run(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    assert main(["fit", "--config", str(run / "config.yaml"), "--overwrite"]) == 0
+    (aside,) = run.parent.glob("r.old-*")
+    assert snapshot(aside) == before
+    assert (run / "metrics.json").exists() and (run / "export" / "ktm.json").exists()
+    assert "overwrite: false" in (run / "config.yaml").read_text()  # a later `--config` does not move it again
+    assert not (run / LOCK_NAME).exists() and not (aside / LOCK_NAME).exists()
