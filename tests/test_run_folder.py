@@ -24,7 +24,7 @@ import ktm.training.run_folder as rf
 from ktm.cli import main
 from ktm.errors import KTMError
 from ktm.io import sha256_file
-from ktm.training.run_folder import LOCK_NAME, RunFolder, RunLock, check_name, eval_checkpoint
+from ktm.training.run_folder import LOCK_NAME, RunFolder, check_name, eval_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model.base=config:tiny-llama", "--model.ks=[1,2]", "--data.k_schedule=[1,2]",
@@ -179,6 +179,26 @@ def test_a_folder_this_command_made_is_removed_when_nothing_was_written(tmp_path
     (root / "e" / "r" / "config.yaml").write_text("run: r\n")  # the run started: kept
     folder.release()
     assert sorted(p.name for p in (root / "e" / "r").iterdir()) == ["config.yaml"]
+
+
+def test_what_a_fit_wrote_before_it_began_is_removed_and_never_moved_with_the_old_run(tmp_path):
+    run = fake_run(tmp_path / "e" / "r")
+    before = snapshot(run)
+    folder = RunFolder.claim(tmp_path, "e", "r", ckpt_path=str(run / "checkpoints" / "last.ckpt"))
+    (run / "events.out.tfevents.1.host.2.1").write_bytes(b"tb")  # TensorBoard opens it at setup, before the checks
+    folder.release()  # a check failed: the run is as it was
+    assert snapshot(run) == before
+    folder = RunFolder.claim(tmp_path, "e", "r", ckpt_path=str(run / "checkpoints" / "last.ckpt"))
+    (run / "events.out.tfevents.1.host.2.2").write_bytes(b"tb")
+    folder.begin()
+    folder.release()  # the resume began: its events stay
+    assert snapshot(run).keys() == {*before, "events.out.tfevents.1.host.2.2"}
+    (run / "events.out.tfevents.1.host.2.2").unlink()
+    folder = RunFolder.claim(tmp_path, "e", "r", overwrite=True)
+    (run / "events.out.tfevents.1.host.2.3").write_bytes(b"tb")
+    aside = folder.begin()
+    folder.release()
+    assert snapshot(aside) == before  # the new run's early file did not travel with the old run
 
 
 # -- one process per folder -------------------------------------------------------------------------------
@@ -371,5 +391,6 @@ def test_overwrite_through_the_cli_trains_anew_beside_the_moved_run(trained, tmp
     (aside,) = run.parent.glob("r.old-*")
     assert snapshot(aside) == before
     assert (run / "metrics.json").exists() and (run / "export" / "ktm.json").exists()
+    assert list(run.glob("events.out.tfevents.*"))  # TensorBoard reopened in the new folder after the move
     assert "overwrite: false" in (run / "config.yaml").read_text()  # a later `--config` does not move it again
     assert not (run / LOCK_NAME).exists() and not (aside / LOCK_NAME).exists()

@@ -200,7 +200,8 @@ def test_optimizer_moments_restart_when_the_k_schedule_moves(tmp_path):
     ktm_log.setLevel(logging.INFO)
     try:
         assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "reset", "--trainer.max_epochs=2", *TINY,
-                     "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_encoder=1e-3"]) == 0
+                     "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_encoder=1e-3",
+                     "--model.reset_optimizer_on_k_change=true"]) == 0
     finally:
         ktm_log.removeHandler(catch)
         ktm_log.setLevel(level)

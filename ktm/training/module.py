@@ -47,7 +47,7 @@ class KTMModule(L.LightningModule):
         distill_weight: float = 0.0,
         eval_base: bool = False,
         init_from: str | None = None,
-        reset_optimizer_on_k_change: bool = True,
+        reset_optimizer_on_k_change: bool = False,
     ):
         """
         Args:
