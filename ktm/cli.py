@@ -297,7 +297,7 @@ def run_lightning(argv: list[str]) -> None:
                 cfg = self.config[sub]
                 last = eval_checkpoint(run_path(cfg.root, cfg.experiment, cfg.run), command)
                 if last is not None:
-                    log.info("%s without --ckpt_path: evaluating the run's %s (pass --ckpt_path to pick another)", command, last)
+                    log.info("no --ckpt_path: %s evaluates the run's %s (pass --ckpt_path to pick another)", command, last)
                     cfg.ckpt_path = ckpt_path = str(last)
             if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
                 ckpt = load_torch(ckpt_path, "training checkpoint", weights_only=True)

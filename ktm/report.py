@@ -90,7 +90,8 @@ def runs_in(path: Path) -> list[Path]:
         raise KTMError(f"{path} does not exist", WHERE)
     if is_run(path):
         return [path]
-    runs = sorted(p for p in path.iterdir() if is_run(p)) if path.is_dir() else []
+    # `<run>.old-<time>` folders are runs that --overwrite moved aside: kept on disk, not in the summary
+    runs = sorted(p for p in path.iterdir() if is_run(p) and ".old-" not in p.name) if path.is_dir() else []
     if not runs:
         raise KTMError(f"{path} holds no runs (no metrics.json in it or in any folder in it)",
                        f"{WHERE}; a run writes metrics.json when its fit or test ends")

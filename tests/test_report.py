@@ -129,3 +129,11 @@ def test_a_folder_without_runs_is_one_line(make, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"ktm: error: {folder} ")
     assert "does not exist" in err[0] if not folder.exists() else "holds no runs" in err[0]
     assert "experiment folder (checkpoints/<exp>)" in err[0]
+
+
+def test_runs_moved_aside_by_overwrite_are_not_in_the_summary(tmp_path):
+    from ktm.report import runs_in
+
+    for name in ("default", "default.old-20261201-120000"):
+        write_json(tmp_path / name / "metrics.json", _classification(0.8, 0.8))
+    assert [p.name for p in runs_in(tmp_path)] == ["default"]

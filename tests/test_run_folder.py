@@ -377,7 +377,7 @@ def test_test_without_ckpt_path_evaluates_last_ckpt_and_says_so(trained, tmp_pat
     run = copy_run(trained, tmp_path)
     config = (run / "config.yaml").read_bytes()
     assert main(["test", "--config", str(run / "config.yaml")]) == 0
-    assert f"ktm test without --ckpt_path: evaluating the run's {run / 'checkpoints' / 'last.ckpt'}" in ktm_log.text
+    assert f"no --ckpt_path: ktm test evaluates the run's {run / 'checkpoints' / 'last.ckpt'}" in ktm_log.text
     implicit = json.loads((run / "metrics.json").read_text())["test"]
     assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert json.loads((run / "metrics.json").read_text())["test"] == implicit  # the trained model's numbers
