@@ -418,8 +418,7 @@ def ceiling_once(model, embeds: torch.Tensor, clock: Clock) -> float:
     B, L, _ = embeds.shape
     mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
     pos = torch.arange(L, device=embeds.device).expand(B, L)
-    off = model.lm.disable_adapter() if hasattr(model.lm, "disable_adapter") else contextlib.nullcontext()
-    with off:
+    with model.bare_base():
         t0 = clock.now()
         out = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=True)
         t1 = clock.now()

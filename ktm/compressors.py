@@ -38,7 +38,6 @@ import math
 import random
 from array import array
 from bisect import bisect_right
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
@@ -238,14 +237,13 @@ class SelfInformation(TokenSelector):
         if model.lora_merged:
             raise KTMError("self_information scores tokens under the base without LoRA, but this copy has its LoRA merged "
                            "into the base weights (merged_for_serving)", "compress with the unmerged model")
-        from peft import PeftModel
 
         lm = model.lm
         x = torch.as_tensor([list(ids)], dtype=torch.long, device=model.embed.weight.device)
         modes = [(m, m.training) for m in lm.modules()]
         lm.eval()  # no dropout in the scores, even mid-training
         try:
-            with lm.disable_adapter() if isinstance(lm, PeftModel) else nullcontext():
+            with model.bare_base():
                 logits = lm(input_ids=x, use_cache=False).logits[0, :-1].float()
         finally:
             for m, mode in modes:

@@ -398,10 +398,15 @@ class KTMModel(nn.Module):
         """The frozen base reading the uncompressed prompt (adapters disabled: no second model in memory),
         at the same target positions as a merged batch of the same examples: a distillation teacher."""
         batch = self.build_batch(prompt_ids, 1, target_ids, unscored)
-        if self.lora_settings is None:
+        with self.bare_base():
             return self.target_logits(batch)
-        with self.lm.disable_adapter():
-            return self.target_logits(batch)
+
+    def bare_base(self):
+        """Context in which self.lm is the frozen base alone: peft's disable_adapter(), or nothing to do
+        when there is no LoRA (or it was merged away)."""
+        from contextlib import nullcontext
+
+        return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else nullcontext()
 
     @torch.no_grad()
     def classify(self, prompts: Sequence[str], labels: Sequence[str], k: int) -> torch.Tensor:

@@ -212,15 +212,16 @@ class KTMModule(L.LightningModule):
         labels = None
         if self.task == "classification":
             labels = torch.tensor([self.labels.index(y) for y in batch["labels"]], device=self.device)
+        prompt_ids, target_ids, unscored = self._token_ids(batch)  # once for every K (and the bare base)
         for k in self.eval_ks:
-            _, b = self._batch(batch, k)
+            b = self.model.build_batch(prompt_ids, k, target_ids, unscored)
             nll, counts, answer_logits = self.model.target_nll(b)
             preds = answer_logits[:, self._label_ids].argmax(-1) if labels is not None else None
             self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels)
         if "base" in self.metrics[split]:  # the bare base on the uncompressed prompt: what merging is measured against
-            prompt_ids, target_ids, unscored = self._token_ids(batch)
             b = self.model.build_batch(prompt_ids, 1, target_ids, unscored)
-            nll, counts, _ = self.model.target_nll(b, self.model.teacher_logits(prompt_ids, target_ids, unscored))
+            with self.model.bare_base():
+                nll, counts, _ = self.model.target_nll(b)
             self.metrics[split]["base"].update(nll, counts, b.prompt_tokens, b.merged_tokens, None, None)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
