@@ -8,6 +8,7 @@ EXP        ?= tree_k4
 RUN        ?= default
 K          ?= 1 2 4
 SEEDS      ?=
+COMPRESSORS ?=
 ARGS       ?=
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
@@ -22,7 +23,7 @@ fit_test = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) && \
 # $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the data.
 per_seed = for s in $(SEEDS); do $(call fit_test,$(1)_s$$s,$(2) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
-.PHONY: install constraints train reference test test-fast bench sweep tensorboard data clean-runs
+.PHONY: install constraints train reference test test-fast bench sweep compare tensorboard data clean-runs
 
 # constraints.txt pins every dependency to the versions the README results were measured with.
 install: $(VENV)/.installed
@@ -72,6 +73,12 @@ test-fast: install
 
 bench: install
 	$(BIN)/ktm bench $(ARGS)
+
+## merge vs the baseline compressors at the same compression: make compare EXP=tree_k4 [COMPRESSORS="merge truncate_tail"] [K="4"] [ARGS=...]
+## one run per cell into checkpoints/$(EXP)/cmp_<compressor>_k<K> (reused when complete, resumed when half-finished),
+## then checkpoints/compare/$(EXP)/results.{json,md} and pareto.png. K defaults to 4 here (the sweep's K="1 2 4" is not taken).
+compare: install
+	$(BIN)/ktm compare --exp $(EXP)$(if $(strip $(COMPRESSORS)), --compressors $(COMPRESSORS))$(if $(filter command line,$(origin K)), --ks $(K)) $(ARGS)
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir checkpoints --bind_all

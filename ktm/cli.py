@@ -6,6 +6,8 @@
     ktm data build --benchmark tree --stage small | ktm data commits --repo PATH --out FILE
     ktm bench [...]                                                          speed benchmark
     ktm report checkpoints/<exp>/<run> [...]                                 markdown table of a run's metrics
+    ktm compare --exp tree_k4 [--compressors merge none ...] [--ks 4] [ARGS]   merge vs baselines, one run per cell
+    ktm eval --ckpt <run>/export --data PATH [--ks 2 4] [--max-drift 0.08]   perplexity drift on your texts (exit 1 above)
     ktm experiments                                                          list the configs
 
 `--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml; outputs of a run go to
@@ -498,14 +500,22 @@ def main(argv: list[str] | None = None) -> int:
             cmd_data(rest)
         elif cmd == "bench":
             cmd_bench(rest)
+        elif cmd == "compare":
+            from ktm.compare import main as compare_main
+
+            compare_main(rest)
         elif cmd == "report":
             from ktm.report import main as report_main
 
             report_main(rest)
+        elif cmd == "eval":
+            from ktm.drift import main as eval_main
+
+            return eval_main(rest)
         elif cmd == "experiments":
             print("\n".join(available_experiments()))
         else:
-            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, data, bench, report, experiments")
+            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, eval, data, bench, report, compare, experiments")
     except KTMError as exc:
         print(f"ktm: error: {exc}", file=sys.stderr)
         return 2

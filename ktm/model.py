@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -611,6 +611,107 @@ class KTMModel(nn.Module):
                                f"({str(exc).splitlines()[0][:100]})", "check ktm.json matches the weights, or re-export") from None
         self.eval()
         return self
+
+    # -- drift on a user's own texts (ktm eval) ----------------------------------------------------
+    @torch.no_grad()
+    def drift(self, texts: Sequence[str], ks: Sequence[int] | None = None, prefix_tokens: int = 128,
+              continuation_tokens: int = 32, batch_size: int = 8, max_texts: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> dict:
+        """Perplexity of a continuation after the merged prefix vs after the uncompressed prefix, per K:
+        drift = ppl_merged / ppl_uncompressed - 1 (0: merging costs nothing on these texts).
+
+        Each text gives one window: its first `prefix_tokens` tokens are the prompt (after the BOS the
+        tokenizer adds, if any, as tokenize_prompts does), the next `continuation_tokens` the scored target.
+        Shorter texts are skipped and counted; `max_texts` caps how many are scored. The uncompressed side
+        is this model at K=1, the LoRA reading the plain prefix. Perplexities are token-weighted over all
+        windows. `ks` defaults to every K > 1 of the model. `progress(n, total)` is called after each batch
+        of n texts. Returns the summary, one row per K in "per_k", and each window's summed NLL per side
+        in "nll_per_text"."""
+        ks = _drift_ks(self, ks)
+        for name, v in (("prefix_tokens", prefix_tokens), ("continuation_tokens", continuation_tokens),
+                        ("batch_size", batch_size), ("max_texts", 1 if max_texts is None else max_texts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise KTMError(f"{name} must be a whole number >= 1, got {v!r}", f"pass e.g. --{name.replace('_', '-')} 32")
+        lead = _leading_special_ids(self.tokenizer)
+        n_prompt = len(lead) + prefix_tokens
+        if n_prompt > self.max_prompt_tokens or n_prompt + continuation_tokens > self.context:
+            raise KTMError(f"a window of {n_prompt} prompt + {continuation_tokens} continuation tokens does not fit this model "
+                           f"(prompt limit {self.max_prompt_tokens}, context {self.context})", "lower --prefix-tokens / --continuation-tokens")
+        if not texts:
+            raise KTMError("no texts to score", "give at least one text")
+        prompts, targets, skipped = drift_windows(self.tokenizer, texts, prefix_tokens, continuation_tokens, max_texts, lead)
+        if not prompts:
+            raise KTMError(f"none of the {skipped} texts has {prefix_tokens} + {continuation_tokens} tokens to score",
+                           "give longer texts, or lower --prefix-tokens / --continuation-tokens")
+        from ktm.compressors import get_compressor
+
+        nll: dict[str, list[float]] = {side: [] for side in ("uncompressed", *map(str, ks))}
+        was_training, kept, plain = self.training, self.compressor, get_compressor("none")
+        self.eval()  # LoRA dropout off: the same texts must give the same drift
+        try:
+            for start in range(0, len(prompts), batch_size):
+                p, t = prompts[start : start + batch_size], targets[start : start + batch_size]
+                # The `none` compressor feeds the prefix as it is: the K=1 reading, also of a checkpoint
+                # trained without K=1 (whose K=1 encoder would be the identity anyway).
+                self.compressor = plain
+                nll["uncompressed"] += self.target_nll(self.build_batch(p, 1, t))[0].tolist()
+                self.compressor = kept
+                for k in ks:
+                    nll[str(k)] += self.target_nll(self.build_batch(p, k, t))[0].tolist()
+                if progress is not None:
+                    progress(len(p), len(prompts))
+        finally:
+            self.compressor = kept
+            self.train(was_training)
+        tokens = len(prompts) * continuation_tokens
+        ppl = {side: math.exp(min(math.fsum(v) / tokens, 700.0)) for side, v in nll.items()}  # fsum: any batching, same sum
+        rows = [{"k": k, "texts": len(prompts), "tokens": tokens, "prefix_positions": merged_length(n_prompt, k, self.keep_tail),
+                 "ppl_uncompressed": ppl["uncompressed"], "ppl_merged": ppl[str(k)], "drift": ppl[str(k)] / ppl["uncompressed"] - 1}
+                for k in ks]
+        return {"texts": len(prompts), "skipped": skipped, "tokens": tokens, "prefix_tokens": prefix_tokens,
+                "continuation_tokens": continuation_tokens, "compressor": kept.name, "ppl_uncompressed": ppl["uncompressed"],
+                "per_k": rows, "nll_per_text": nll}
+
+
+def _drift_ks(model: KTMModel, ks: Sequence[int] | None) -> list[int]:
+    """The K values drift scores: those asked for (each one the checkpoint has), else its K > 1."""
+    if ks is None:
+        return [k for k in model.ks if k > 1] or [1]
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
+        raise KTMError(f"ks must be a non-empty list of K values, got {ks!r}", f"use K in {model.ks}, e.g. --ks {model.ks[-1]}")
+    ks = sorted({check_k(k) for k in ks})
+    missing = [k for k in ks if k not in model.ks]
+    if missing:
+        raise KTMError(f"K={', '.join(map(str, missing))} is not in this checkpoint's ks {model.ks}",
+                       f"use K in {model.ks}, e.g. --ks {' '.join(map(str, model.ks))}")
+    return ks
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before a text with add_special_tokens (a BOS, or nothing)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def drift_windows(tokenizer, texts: Sequence[str], prefix_tokens: int, continuation_tokens: int,
+                  max_texts: int | None = None, lead: Sequence[int] = ()) -> tuple[list[list[int]], list[list[int]], int]:
+    """(prompt ids, continuation ids, skipped): each text long enough gives its first prefix_tokens tokens
+    (after `lead`, the BOS) and the next continuation_tokens; shorter texts are counted in `skipped`."""
+    need, prompts, targets, skipped = prefix_tokens + continuation_tokens, [], [], 0
+    for start in range(0, len(texts), 256):  # in chunks: max_texts stops tokenizing a big file early
+        for ids in tokenizer(list(texts[start : start + 256]), add_special_tokens=False)["input_ids"]:
+            if max_texts is not None and len(prompts) == max_texts:
+                return prompts, targets, skipped
+            if len(ids) < need:
+                skipped += 1
+                continue
+            prompts.append([*lead, *ids[:prefix_tokens]])
+            targets.append(list(ids[prefix_tokens:need]))
+    return prompts, targets, skipped
 
 
 def _untie_output_embeddings(lm: nn.Module, embed: nn.Module) -> None:

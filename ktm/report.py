@@ -132,8 +132,9 @@ def reference_for(name: str, groups: dict) -> str | None:
     return next((ref for ref in order if ref in groups), None)
 
 
-def summarize(runs: list[Path]) -> dict:
-    """The runs of one experiment folder by group: runs, seeds, task and the stats per split and K."""
+def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
+    """The runs of one experiment folder by group: runs, seeds, task and the stats per split and K of the
+    metrics in `columns` ({task: [(title, key)]}; `ktm compare` asks for every column of `render`'s)."""
     members: dict[str, list[tuple[int | None, Path]]] = {}
     for run in runs:
         name, seed = group_of(run)
@@ -143,10 +144,10 @@ def summarize(runs: list[Path]) -> dict:
         pairs.sort(key=lambda p: (p[0] or 0, p[1].name))
         docs = {run.name: read_json(run / "metrics.json", "metrics file") for _, run in pairs}
         data = next(iter(docs.values())).get("data", {})
-        task = data.get("task") if data.get("task") in SUMMARY_COLUMNS else "perplexity"
+        task = data.get("task") if data.get("task") in columns else "perplexity"
         groups[name] = {"runs": list(docs), "seeds": [seed for seed, _ in pairs if seed is not None], "task": task,
                         "benchmark": data.get("benchmark"),
-                        "splits": aggregate(docs, [key for _, key in SUMMARY_COLUMNS[task]])}
+                        "splits": aggregate(docs, [key for _, key in columns[task]])}
     for name, group in groups.items():
         group["reference"] = reference_for(name, groups)
     return groups

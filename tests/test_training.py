@@ -211,3 +211,29 @@ def test_optimizer_moments_restart_when_the_k_schedule_moves(tmp_path):
     lora_state = ckpt["optimizer_states"][0]["state"][0]  # the first LoRA parameter
     assert int(lora_state["step"]) == steps_per_epoch  # counted from the switch, not from the start
     assert ckpt["ktm_k_entry"] == [2]
+
+
+def test_lora_learning_rate_per_k_applies_from_the_first_step_of_each_k(tmp_path):
+    import torch
+
+    from ktm.errors import KTMError
+    from ktm.training.module import KTMModule
+
+    root = str(tmp_path)
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "lrk", "--trainer.max_epochs=2", *TINY,
+                 "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_encoder=1e-3",
+                 "--model.lr_lora={1: 1.0e-3, '2': 0.0}", "--checkpoint.save_top_k=-1"]) == 0
+    folder = tmp_path / "tree_k4" / "lrk" / "checkpoints"
+    first, second = (torch.load(p, weights_only=True) for p in sorted(folder.glob("epoch=*.ckpt")))
+    lora = [n for n in first["state_dict"] if "lora_" in n]
+    encoder = [n for n in first["state_dict"] if "encoders" in n]
+    assert lora and encoder and second["global_step"] == 2 * first["global_step"]
+    # lr 0 for K=2 steps: the LoRA stays exactly where the K=1 epoch left it (its first K=2 step included),
+    # while the K=2 encoder trains
+    assert all(torch.equal(first["state_dict"][n], second["state_dict"][n]) for n in lora)
+    assert any(not torch.equal(first["state_dict"][n], second["state_dict"][n]) for n in encoder)
+    assert not all(torch.count_nonzero(first["state_dict"][n]) == 0 for n in lora if "lora_B" in n)  # K=1 did train it
+    with pytest.raises(KTMError, match=r"model.lr_lora gives no learning rate for K=\[2\]"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2], lr_lora={1: 1e-3})
+    with pytest.raises(KTMError, match=r"model.lr_lora\[2\] must be a number >= 0"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2], lr_lora={1: 1e-3, 2: -1.0})

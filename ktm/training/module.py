@@ -31,7 +31,7 @@ class KTMModule(L.LightningModule):
         ks: list[int] = [4],  # noqa: B006  (jsonargparse needs a plain default)
         keep_tail: int = 0,
         lora: LoraSettings = LoraSettings(),  # noqa: B008
-        lr_lora: float = 1e-4,
+        lr_lora: float | dict[int, float] = 1e-4,
         lr_encoder: float | dict[int, float] = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -56,7 +56,10 @@ class KTMModule(L.LightningModule):
             ks: K values this model gets a merge encoder for (K=1 = uncompressed, no encoder).
             keep_tail: last N prompt tokens left unmerged (0 = the paper: merge everything).
             lora: LoRA settings (r=0 disables LoRA).
-            lr_lora: AdamW learning rate of the LoRA adapters.
+            lr_lora: AdamW learning rate of the LoRA adapters: one number, or one per K of the training step,
+                e.g. {1: 1.0e-3, 2: 1.0e-4, 4: 1.0e-4}: the LoRA learns the task fast at K=1 and then moves
+                slowly while the encoders learn to feed it merged blocks (at 1e-3 throughout it forgot K=1
+                in one K=2 epoch and fell to the label prior).
             lr_encoder: AdamW learning rate of the merge encoders: one number for all, or one per K, e.g.
                 {2: 1.0e-3, 4: 1.0e-4} (a larger K's encoder is wider and diverges at a rate a smaller K needs).
             weight_decay: AdamW weight decay (both groups).
@@ -85,8 +88,10 @@ class KTMModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        encoder_lrs = _per_k(lr_encoder) if isinstance(lr_encoder, dict) else {}
-        checks = [("lr_lora", lr_lora), ("weight_decay", weight_decay), ("distill_weight", distill_weight)]
+        encoder_lrs = _per_k(lr_encoder, "lr_encoder") if isinstance(lr_encoder, dict) else {}
+        self._lora_lrs = _per_k(lr_lora, "lr_lora") if isinstance(lr_lora, dict) else {}
+        checks = [("weight_decay", weight_decay), ("distill_weight", distill_weight)]
+        checks += [(f"lr_lora[{k}]", v) for k, v in self._lora_lrs.items()] if self._lora_lrs else [("lr_lora", lr_lora)]
         checks += [(f"lr_encoder[{k}]", v) for k, v in encoder_lrs.items()] if encoder_lrs else [("lr_encoder", lr_encoder)]
         for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -103,6 +108,10 @@ class KTMModule(L.LightningModule):
             if missing:
                 raise KTMError(f"model.lr_encoder gives no learning rate for the K={missing} merge encoder (it has K={sorted(encoder_lrs)})",
                                "give one learning rate per K > 1 of model.ks, or a single number for all")
+        missing = [k for k in self.model.ks if self._lora_lrs and k not in self._lora_lrs]
+        if missing:
+            raise KTMError(f"model.lr_lora gives no learning rate for K={missing} (it has K={sorted(self._lora_lrs)})",
+                           "give one learning rate per K of model.ks, or a single number for all")
         if init_from:
             from ktm.training.init_from import load_trained_weights
 
@@ -171,6 +180,18 @@ class KTMModule(L.LightningModule):
                 optimizer.state.clear()  # fresh moments: AdamW's bias correction makes the first steps ~lr again
             log.info("K schedule moved from K=%s to K=%s: optimizer moments reset", self._k_entry, entry)
         self._k_entry = list(entry)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._lora_lrs:
+            return
+        # Set here, not in the scheduler's lambda: the K of a step is known only once the epoch (and so the
+        # schedule entry) has begun, and the scheduler computes the next step's lr at the end of the last one.
+        k = self.trainer.datamodule.train_k(self.trainer.global_step, default=self.model.ks[-1])
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("name") == "lora":
+                    warm = self.hparams.warmup_steps
+                    group["lr"] = self._lora_lrs[k] * (min(1.0, (self.trainer.global_step + 1) / warm) if warm else 1.0)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
@@ -277,7 +298,8 @@ class KTMModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         groups = self.model.trainable_parameters()
-        param_groups = [{"params": groups["lora"], "lr": self.hparams.lr_lora, "name": "lora"}]
+        lora_lr = max(self._lora_lrs.values()) if self._lora_lrs else self.hparams.lr_lora
+        param_groups = [{"params": groups["lora"], "lr": lora_lr, "name": "lora"}]
         if self._encoder_lrs:  # one group per K (one lr keeps the single group older checkpoints have)
             param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lr, "name": f"encoder_k{k}"}
                              for k, lr in sorted(self._encoder_lrs.items()) if k in self.model.ks]
@@ -321,12 +343,12 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tens
     return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
 
 
-def _per_k(values: dict) -> dict[int, Any]:
+def _per_k(values: dict, name: str) -> dict[int, Any]:
     """{K: value} with whole-number keys; a saved config.yaml writes them as strings ('4': 1.0e-4)."""
     out = {}
     for key, value in values.items():
         if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1:
-            raise KTMError(f"model.lr_encoder has the key {key!r}, not a K", "write it as {2: 1.0e-3, 4: 1.0e-4}")
+            raise KTMError(f"model.{name} has the key {key!r}, not a K", "write it as {2: 1.0e-3, 4: 1.0e-4}")
         out[int(key)] = value
     return out
 

@@ -1,0 +1,106 @@
+"""`ktm eval`: does merging still hold on *your* texts? Perplexity drift per K, as a CI guard.
+
+    ktm eval --ckpt checkpoints/<exp>/<run>/export --data PATH [--field text] [--ks 2 4] [--max-drift 0.08]
+             [--prefix-tokens 128] [--continuation-tokens 32] [--max-texts N] [--batch-size 8] [--json OUT]
+
+PATH is a .txt/.md/.rst/.py file (one text), a JSON Lines file (one text per row, in --field), or a folder
+of them (read recursively, in name order), the files the reading benchmark's `path:` source reads. Each
+text's first prefix tokens are merged at K and its next continuation tokens scored, against the same
+checkpoint at K=1 reading the plain prefix: drift = ppl_merged / ppl_uncompressed - 1
+(`KTMModel.drift`, which does the computation; this module reads files and formats). Prints a markdown
+table; exit code 1 when any K's drift is above --max-drift, 0 otherwise, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from ktm.benchmarks.reading import TEXT_SUFFIXES
+from ktm.errors import KTMError
+from ktm.io import read_jsonl, write_json
+
+
+def read_texts(path: str | Path, field: str = "text") -> list[str]:
+    """The texts under `path`, as the reading benchmark's path: source picks files, but strict: a file
+    that is not UTF-8 is an error naming it (the benchmark replaces bad bytes, which would score noise)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise KTMError(f"--data {root} does not exist", "pass a .txt or .jsonl file, or a folder of them")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, ".jsonl"))
+    if not files:
+        raise KTMError(f"--data folder {root} holds no {'/'.join((*TEXT_SUFFIXES, '.jsonl'))} file", "point --data at a folder of texts")
+    texts: list[str] = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            for i, row in enumerate(read_jsonl(f, (), "--data file"), 1):
+                if not isinstance(row.get(field), str):
+                    what = f"has no field {field!r}" if field not in row else f"has a {type(row[field]).__name__} in {field!r}, not text"
+                    raise KTMError(f"--data file {f} row {i} {what} (its fields: {', '.join(row) or 'none'})",
+                                   "pass --field with the name of the field that holds the text")
+                texts.append(row[field])
+            continue
+        try:
+            texts.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise KTMError(f"--data file {f} is not UTF-8 text (byte {exc.start})",
+                           "convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out of --data") from None
+    if not any(t.strip() for t in texts):
+        raise KTMError(f"--data {root} holds no text (every file or row is empty)", "fill it with the texts to check")
+    return texts
+
+
+def drift_table(result: dict, max_drift: float) -> str:
+    """Markdown: one row per K, status ABOVE where drift exceeds max_drift, and what was scored."""
+    lines = ["| K | texts | tokens | ppl uncompressed | ppl merged | drift | status |", "|---|---|---|---|---|---|---|"]
+    for r in result["per_k"]:
+        status = "ABOVE" if r["drift"] > max_drift else "OK"
+        lines.append(f"| {r['k']} | {r['texts']} | {r['tokens']} | {r['ppl_uncompressed']:.3f} | {r['ppl_merged']:.3f} "
+                     f"| {r['drift']:+.2%} | {status} |")
+    p, c = result["prefix_tokens"], result["continuation_tokens"]
+    lines += ["", f"{result['texts']} texts scored: each one's first {p} tokens are the prompt (merged at K; uncompressed: the "
+                  f"same checkpoint at K=1), its next {c} tokens are scored; {result['skipped']} skipped (shorter than {p + c} "
+                  f"tokens). drift = ppl merged / ppl uncompressed - 1; ABOVE when over {max_drift:.2%}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from ktm.cli import OneLineParser
+
+    p = OneLineParser(prog="ktm eval", description="Perplexity drift of merged prompts against uncompressed ones, on your texts.")
+    p.add_argument("--ckpt", required=True, help="export folder of a run (checkpoints/<exp>/<run>/export)")
+    p.add_argument("--data", required=True, help="a .txt file, a JSON Lines file, or a folder of them")
+    p.add_argument("--field", default="text", help="JSON Lines field that holds the text")
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="K values to check (default: every K > 1 of the checkpoint)")
+    p.add_argument("--max-drift", type=float, default=0.08, help="exit 1 when a K's drift (ppl_merged/ppl_uncompressed - 1) is above this")
+    p.add_argument("--prefix-tokens", type=int, default=128, help="tokens of each text merged as the prompt")
+    p.add_argument("--continuation-tokens", type=int, default=32, help="tokens after the prefix that are scored")
+    p.add_argument("--max-texts", type=int, default=None, help="score at most this many texts (the first long enough)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, help="also write the result here as JSON")
+    p.add_argument("--base", default=None, help="override the base model location (same weights required)")
+    a = p.parse_args(argv)
+    if not math.isfinite(a.max_drift):
+        raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
+    texts = read_texts(a.data, a.field)  # bad input fails here, before the model loads
+    from tqdm import tqdm
+
+    from ktm.model import KTMModel
+
+    model = KTMModel.from_pretrained(a.ckpt, base=a.base)
+    with tqdm(desc="ktm eval", unit="text", file=sys.stderr, mininterval=1.0) as bar:
+        def step(n: int, total: int) -> None:
+            bar.total = total
+            bar.update(n)
+
+        result = model.drift(texts, ks=a.ks, prefix_tokens=a.prefix_tokens, continuation_tokens=a.continuation_tokens,
+                             batch_size=a.batch_size, max_texts=a.max_texts, progress=step)
+    above = [r["k"] for r in result["per_k"] if r["drift"] > a.max_drift]
+    print(drift_table(result, a.max_drift))
+    if a.json:
+        for r in result["per_k"]:
+            r["status"] = "ABOVE" if r["k"] in above else "OK"
+        write_json(a.json, {**result, "ckpt": str(a.ckpt), "data": str(a.data), "field": a.field, "max_drift": a.max_drift,
+                            "status": "ABOVE" if above else "OK"})
+    return 1 if above else 0
