@@ -190,8 +190,7 @@ class KTMModule(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 if group.get("name") == "lora":
-                    warm = self.hparams.warmup_steps
-                    group["lr"] = self._lora_lrs[k] * (min(1.0, (self.trainer.global_step + 1) / warm) if warm else 1.0)
+                    group["lr"] = self._lora_lrs[k] * warmup_factor(self.trainer.global_step, self.hparams.warmup_steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
@@ -309,8 +308,7 @@ class KTMModule(L.LightningModule):
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
         opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay)
-        warm = max(self.hparams.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, self.hparams.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints: trainable weights only + what they were trained with ---------------------------
@@ -341,6 +339,11 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tens
     t = torch.log_softmax(teacher[mask], -1)
     s = torch.log_softmax(student[mask], -1)
     return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr factor of optimizer step `step`: linear warm-up over `warmup_steps`, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _per_k(values: dict, name: str) -> dict[int, Any]:
