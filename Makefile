@@ -23,7 +23,7 @@ fit_test = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) && \
 # $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the data.
 per_seed = for s in $(SEEDS); do $(call fit_test,$(1)_s$$s,$(2) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
-.PHONY: install constraints train reference test test-fast bench sweep compare tensorboard data clean-runs
+.PHONY: install constraints train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 
 # constraints.txt pins every dependency to the versions the README results were measured with.
 install: $(VENV)/.installed
@@ -70,6 +70,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## ruff on the code and the tests (rules in pyproject.toml [tool.ruff])
+lint: install
+	$(BIN)/ruff check ktm tests
 
 bench: install
 	$(BIN)/ktm bench $(ARGS)

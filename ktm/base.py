@@ -76,6 +76,26 @@ def config_base(name: str, dtype, seed: int = 0):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     return model, tokenizer
+
+
+def base_skeleton(name: str):
+    """The base's module tree without weights (built on the meta device from its config alone): which layers
+    it has and their names, e.g. to resolve LoRA targets before (or without) loading it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name.startswith("config:"):
+        shape = name.split(":", 1)[1]
+        if shape not in CONFIG_SHAPES:
+            raise KTMError(f"unknown config base {shape!r}", f"use one of: {', '.join('config:' + n for n in CONFIG_SHAPES)}")
+        config = AutoConfig.for_model(**{"vocab_size": 258, **CONFIG_SHAPES[shape]})  # 258: the byte tokenizer's
+    else:
+        config = AutoConfig.from_pretrained(resolve_base(name))
+        check_causal_lm(name, config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 MANIFEST = "ktm-manifest.json"
 
 

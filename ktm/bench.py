@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ktm.errors import KTMError
+from ktm.errors import KTMError, OneLineParser
 
 log = logging.getLogger("ktm")
 
@@ -76,13 +76,6 @@ DEFAULTS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises KTMError (one line via the ktm CLI) instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise KTMError(f"ktm bench: {message}", "see ktm bench --help")
-
-
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where the help already says them (the device-dependent ones)."""
 
@@ -91,7 +84,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="ktm bench",
         description="Measure TTFT (split into parts), the base-only prefill ceiling, encoder share, memory, KV cache, "
         "decode and training throughput for each K. Defaults depend on the device: on CPU a grid that finishes in "
@@ -818,7 +811,7 @@ def speedup_figure(rows: list[dict], dev: dict):
         for i, n in enumerate(sorted({r["length"] for r in sel})):
             pts = sorted((r for r in sel if r["length"] == n), key=lambda r: r["k"])
             _errorbar(ax, pts, "e2e", "o-", f"C{i}", f"N={n} tokens: e2e")
-            _errorbar(ax, pts, "ceiling", "s--", f"C{i}", f"N={n} tokens: ceiling", alpha=0.6)
+            _errorbar(ax, pts, "ceiling", "s--", f"C{i}", f"N={n} tokens: ceiling (bare base)", alpha=0.6)
         ax.plot(ks, ks, ":", color="grey", label="speed-up = K")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -827,10 +820,11 @@ def speedup_figure(rows: list[dict], dev: dict):
         ax.set_title(f"{model}, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    # Wrapped to the figure's width (about 80 characters per panel at these sizes), so one panel clips nothing.
+    # Wrapped to the figure's width (about 64 title and 80 caption characters per 5.5-inch panel), so that a
+    # single panel clips nothing (at 80 title characters the title ran past both edges).
     width = 80 * len(groups)
     title = textwrap.fill(f"TTFT speed-up on {dev['device']} ({where(dev)}), {dev['dtype']}: median of per-round "
-                          "ratios, bars = min–max", width)
+                          "ratios, bars = min–max", 64 * len(groups))
     note = textwrap.fill("N = prompt length in tokens. e2e = tokenise + merge encoder + prefill with LoRA + first token. "
                          "ceiling = the bare base (no LoRA, no encoder) prefilling a sequence of the merged length N/K.",
                          int(width * 1.1))

@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ktm.errors import KTMError
+from ktm.errors import Interrupted, KTMError, OneLineParser
 from ktm.io import read_json, write_json, write_text, write_with
 from ktm.report import CLASSIFICATION_COLUMNS, PERPLEXITY_COLUMNS, _fmt, summarize
 
@@ -79,8 +79,6 @@ def default_compressors() -> list[str]:
 
 def parse_args(argv: list[str]):
     """(options, ARGS for `ktm fit`): what compare does not know goes to the fresh fits."""
-    from ktm.cli import OneLineParser
-
     p = OneLineParser(prog="ktm compare", allow_abbrev=False, description=(__doc__ or "").split("\n\n")[0],
                       epilog="Any other option (e.g. --trainer.max_time=00:01:00:00) is passed to each fresh `ktm fit`.")
     p.add_argument("--exp", default=None, help="experiment (ktm experiments lists them)")
@@ -205,8 +203,6 @@ def run_command(command: list[str]) -> int:
 
 def run_plan(steps: list[Step], runner=run_command) -> None:
     """Every command of every step in order; the first failure stops (a rerun picks up where it stopped)."""
-    from ktm.cli import Interrupted
-
     todo = [s for s in steps if s.commands]
     for i, step in enumerate(todo, 1):
         for command in step.commands:

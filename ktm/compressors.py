@@ -294,7 +294,7 @@ class LLMLingua2(TokenSelector):
             PromptCompressor = self._import()
             try:
                 self._prompt_compressor = PromptCompressor(model_name=self.model_name, device_map=device.type, use_llmlingua2=True)
-            except Exception as exc:  # hub errors come as OSError, ValueError, requests/httpx errors...
+            except Exception as exc:  # noqa: BLE001  (hub errors come as OSError, ValueError, requests/httpx errors...)
                 raise KTMError(f"llmlingua2 cannot load its hub model {self.model_name} ({_line(exc)})",
                                "connect to the Hugging Face hub once to download it (HF_HUB_OFFLINE unset), "
                                "or choose another model.compressor") from None

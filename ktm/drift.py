@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ktm.benchmarks.reading import TEXT_SUFFIXES
-from ktm.errors import KTMError
+from ktm.errors import KTMError, OneLineParser
 from ktm.io import read_jsonl, write_json
 
 
@@ -66,8 +66,6 @@ def drift_table(result: dict, max_drift: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from ktm.cli import OneLineParser
-
     p = OneLineParser(prog="ktm eval", description="Perplexity drift of merged prompts against uncompressed ones, on your texts.")
     p.add_argument("--ckpt", required=True, help="export folder of a run (checkpoints/<exp>/<run>/export)")
     p.add_argument("--data", required=True, help="a .txt file, a JSON Lines file, or a folder of them")

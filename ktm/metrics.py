@@ -100,7 +100,7 @@ def add_perplexity_f1(per_k: dict[int, dict[str, float]]) -> None:
     if 1 not in per_k:
         return
     ref = per_k[1]["perplexity"]
-    for k, m in per_k.items():
+    for m in per_k.values():
         m["perplexity_uncompressed"] = ref
         m["performance"] = ppl_performance(ref, m["perplexity"])
         m["pl_f1"] = pl_f1(m["performance"], m["compression"])

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,7 +40,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 FORMAT_VERSION = 1
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+ALL_LINEAR, LM_HEAD = "all-linear", "lm_head"
+# The paper's LoRA targets on any base: every linear layer of the transformer blocks (peft's `all-linear`, which
+# leaves the output head out) plus the LM head. resolve_lora_targets turns them into the base's layer names.
+DEFAULT_LORA_TARGETS = (ALL_LINEAR, LM_HEAD)
+# What the default resolves to on a Llama-shaped base (the embedded SmolLM2), and what the default *was* before
+# it became base-independent: checkpoints made with either spelling adapt the same modules.
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
 @dataclass
@@ -50,7 +56,10 @@ class LoraSettings:
     r: int = 4
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # [all-linear, lm_head] (the default, the paper): every linear layer of the blocks + the LM head, whatever the
+    # base calls them; or layer names as peft takes them, e.g. [q_proj, v_proj]. `str` only to refuse peft's
+    # bare "all-linear" string with a clear line (check_settings), not a traceback.
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 @dataclass
@@ -110,13 +119,114 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
                 raise KTMError(f"model.lora.alpha must be a number > 0, got {lora.alpha!r}", "set it to e.g. 16")
             if not _number(lora.dropout) or not 0 <= lora.dropout < 1:
                 raise KTMError(f"model.lora.dropout must be in [0, 1), got {lora.dropout!r}", "set it to e.g. 0.05")
-            if isinstance(lora.target_modules, str) or not lora.target_modules:
-                raise KTMError(f"model.lora.target_modules must be a non-empty list, got {lora.target_modules!r}",
-                               "list layer names, e.g. [q_proj, v_proj]")
+            check_lora_targets(lora.target_modules)
     from ktm.compressors import check_name
 
     check_name(compressor)
     return ks
+
+
+_TARGETS_FIX = (f"write [{ALL_LINEAR}, {LM_HEAD}] (every linear layer of the blocks + the LM head: the paper, the default), "
+                f"[{ALL_LINEAR}] (peft's all-linear: without the head), or layer names such as [q_proj, v_proj]")
+
+
+def check_lora_targets(targets) -> None:
+    """The base-independent check of model.lora.target_modules: a non-empty list of names."""
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        raise KTMError(f"model.lora.target_modules is the string {targets!r}, ktm takes a list (so whether the LM head "
+                       f"is adapted is spelled out)", _TARGETS_FIX)
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not targets:
+        raise KTMError(f"model.lora.target_modules must be a non-empty list, got {targets!r}", _TARGETS_FIX)
+    bad = [t for t in targets if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise KTMError(f"model.lora.target_modules has {bad[0]!r}, not a layer name", _TARGETS_FIX)
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    return nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d  # the layer types peft's LoRA adapts
+
+
+def resolve_lora_targets(base: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The layer names peft gets for model.lora.target_modules on this (bare, not yet peft-wrapped) base.
+
+    `all-linear` means what it means in peft: every nn.Linear (and GPT-2's Conv1D) of the base except its
+    output head, i.e. all projections of the transformer blocks. `lm_head` means the output head
+    (`base.get_output_embeddings()`, `lm_head` in nearly every HF causal LM, whatever its name). Both expand to
+    the shortest names that select exactly those layers under peft's rule (a name selects each module whose
+    path is that name or ends in "." + it), in module order, so on a Llama-shaped base the default
+    [all-linear, lm_head] gives exactly LLAMA_LORA_TARGETS, the explicit list of earlier versions. Any other
+    entry is a layer name as peft takes it, kept as written once checked: it must select at least one layer
+    LoRA can adapt and never the input embedding table (the merge encoder reads it, so it stays the base's).
+    """
+    check_lora_targets(targets)
+    modules = [(name, mod) for name, mod in base.named_modules() if name]
+    layer_types = _lora_layer_types()
+    linear_types = layer_types[:2]
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    kind = getattr(getattr(base, "config", None), "model_type", None) or type(base).__name__
+
+    def selects(name: str) -> list[tuple[str, nn.Module]]:
+        return [(path, mod) for path, mod in modules if path == name or path.endswith("." + name)]
+
+    def shortest(wanted: list[str]) -> list[str]:
+        keep, names = set(wanted), []
+        for path in wanted:
+            leaf = path.rsplit(".", 1)[-1]
+            names.append(leaf if all(p in keep for p, _ in selects(leaf)) else path)
+        return list(dict.fromkeys(names))
+
+    resolved, unknown = [], []
+    for entry in targets:
+        if entry.lower() == ALL_LINEAR:
+            wanted = [path for path, mod in modules if isinstance(mod, linear_types) and mod is not head]
+            if not wanted:
+                raise KTMError(f"model.lora.target_modules has {ALL_LINEAR}, but base {kind!r} has no linear layer besides its head",
+                               "list the layers to adapt by name, or set model.lora.r=0 (no LoRA)")
+            resolved += shortest(wanted)
+            continue
+        if entry == LM_HEAD and head is not None:
+            resolved += shortest([path for path, mod in modules if mod is head])
+            continue
+        hits = selects(entry)
+        if not hits:
+            unknown.append(entry)
+            continue
+        for path, mod in hits:
+            if embed is not None and mod is embed:
+                raise KTMError(f"model.lora.target_modules has {entry!r}, the input embedding table ({path}): the merge encoder reads "
+                               "it, so it stays the base's", "leave it out (the LM head, `lm_head`, may be adapted even when tied to it)")
+            if not isinstance(mod, layer_types):
+                raise KTMError(f"model.lora.target_modules has {entry!r}, which selects {path}, a {type(mod).__name__}: not a layer "
+                               "LoRA can adapt", f"name its linear layers instead, e.g. {path}.<name>, or use [{ALL_LINEAR}, {LM_HEAD}]")
+        resolved.append(entry)
+    if unknown:
+        have = list(dict.fromkeys(path.rsplit(".", 1)[-1] for path, mod in modules if isinstance(mod, linear_types)))
+        which = "no layer of that name" if len(unknown) == 1 else "no layers of those names"
+        raise KTMError(f"model.lora.target_modules has {', '.join(map(repr, unknown))}, but base {kind!r} has {which}",
+                       f"use [{ALL_LINEAR}, {LM_HEAD}] (the default), or names of its linear layers: {', '.join(have)}")
+    return list(dict.fromkeys(resolved))
+
+
+def lora_target_paths(base: nn.Module, targets: Sequence[str]) -> set[str]:
+    """The module paths of `base` that peft adapts for these targets (resolved as resolve_lora_targets)."""
+    names = resolve_lora_targets(base, targets)
+    return {path for path, _ in base.named_modules() if path and any(path == n or path.endswith("." + n) for n in names)}
+
+
+def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two spellings of model.lora.target_modules adapt the same layers of a base given by name, e.g. a
+    checkpoint's [q_proj, ..., lm_head] and the default [all-linear, lm_head] on SmolLM2. Built from the base's
+    config alone (ktm.base.base_skeleton, no weights). A spelling that does not fit the base raises its KTMError."""
+    if list(a) == list(b):
+        return True
+    from ktm.base import base_skeleton
+
+    skeleton = base_skeleton(base_name)
+    return lora_target_paths(skeleton, a) == lora_target_paths(skeleton, b)
 
 
 _SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor")
@@ -194,10 +304,17 @@ class KTMModel(nn.Module):
         if self.lora_settings is not None:
             from peft import LoraConfig, get_peft_model
 
-            s = self.lora_settings
+            # The settings (and ktm.json) record the layer names the targets resolved to on this base.
+            s = self.lora_settings = replace(self.lora_settings, target_modules=resolve_lora_targets(base, self.lora_settings.target_modules))
             cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules), bias="none")
             try:
-                self.lm = get_peft_model(base, cfg)
+                with warnings.catch_warnings():
+                    # A LoRA on a tied head never touches the shared table: the base weights are frozen, an export
+                    # stores no embeddings and merged_for_serving unties first. peft's caution does not apply.
+                    warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*", category=UserWarning)
+                    # GPT-2's Conv1D stores its weight transposed; peft sets fan_in_fan_out per layer and says so.
+                    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
+                    self.lm = get_peft_model(base, cfg)
             except ValueError as exc:
                 raise KTMError(f"LoRA target modules {list(s.target_modules)} do not fit this base ({str(exc)[:120]})",
                                "set model.lora.target_modules to layer names of the base model") from None

@@ -78,7 +78,7 @@ def test_markdown_table_has_every_row_and_verdicts(run, capsys):
     md = (out / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| tiny-llama |")]
     assert len(table) == 4 * len(res["rows"]) + len(res["train"])  # main, split, compute, merged tables + training
-    header = md.splitlines()[md.splitlines().index(next(l for l in md.splitlines() if l.startswith("| model | batch | length | K | merged")))]
+    header = md.splitlines()[md.splitlines().index(next(line for line in md.splitlines() if line.startswith("| model | batch | length | K | merged")))]
     for col in ("TTFT e2e", "ceiling", "e2e speed-up [min–max]", "ceiling speed-up", "fraction of ceiling [min–max]",
                 "enc share", "KV cache", "decode tok/s"):
         assert col in header
@@ -197,7 +197,7 @@ def test_targets_pass_and_miss():
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--lora-r", "0"], "needs LoRA"),
     (["--name", "../x"], "not a plain folder name"),
-    (["--frobnicate"], "unrecognized arguments"),
+    (["--frobnicate"], "unknown option --frobnicate"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, words, capsys, tmp_path):
     with pytest.raises(KTMError, match=words.replace("(", r"\(")):

@@ -45,7 +45,7 @@ def check_tree(text: str, params: dict[str, int]) -> None:
     assert 2 <= n <= params["max_nodes"]
     assert max(level.values()) + 1 <= params["max_depth"]
     kids = {v: 0 for v in parent}
-    for v, p in parent.items():
+    for p in parent.values():
         if p is not None:
             kids[p] += 1
     root = next(v for v, p in parent.items() if p is None)
@@ -128,7 +128,7 @@ def test_labels_prompt_and_meta_match_the_tree(stage):
         by_tree.setdefault(e.group, []).append(e)
     assert len(by_tree) == 30
     # Uncapped: every ordered pair of distinct nodes is asked exactly once, all on the same tree text.
-    for group, exs in by_tree.items():
+    for exs in by_tree.values():
         texts = {tree_text(e) for e in exs}
         assert len(texts) == 1
         names = list(parse(texts.pop())[0])

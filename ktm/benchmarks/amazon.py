@@ -335,7 +335,7 @@ class Amazon(SentimentBenchmark):
 
         try:
             return datasets.load_dataset("json", data_files=where, split="train", cache_dir=self.options["hf_cache_dir"])
-        except Exception as exc:  # the library raises many types; classify them into one-line errors
+        except Exception as exc:  # noqa: BLE001  (the library raises many types; classify them into one-line errors)
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if _is_unreachable(exc):
                 raise HubUnreachable(f"cannot reach the hub for {where} ({detail})",

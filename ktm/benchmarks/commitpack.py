@@ -44,7 +44,6 @@ shared set, see shared/data/commits/SOURCES.md); `main` is its command line (`kt
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import re
@@ -55,7 +54,7 @@ from typing import Any, Iterable
 
 from ktm.benchmarks import common
 from ktm.benchmarks.common import Benchmark, Example, Splits, register
-from ktm.errors import KTMError
+from ktm.errors import KTMError, OneLineParser
 from ktm.io import read_jsonl, sha256_file, text_size, write_jsonl
 
 log = logging.getLogger("ktm")
@@ -262,7 +261,7 @@ class CommitPackBenchmark(Benchmark):
                 f"the hub answered but has no {path} in dataset {o['hub_repo']} ({type(exc).__name__})",
                 "check language / hub_path / hub_revision against the repository's file list",
             ) from None
-        except Exception as exc:  # any transport or offline-mode failure means "not reachable"
+        except Exception as exc:  # noqa: BLE001  (any transport or offline-mode failure means "not reachable")
             return None, f"{type(exc).__name__}: {_one_line(exc)}"
         return {"data_files": self.hub_data_files(), "etag": meta.etag, "commit": meta.commit_hash}, None
 
@@ -352,7 +351,7 @@ class CommitPackBenchmark(Benchmark):
         o = self.options
         try:
             ds = datasets.load_dataset("json", data_files=data_files, split="train", cache_dir=o["hf_cache_dir"])
-        except Exception as exc:  # the library's many network/format errors become one line
+        except Exception as exc:  # noqa: BLE001  (the library's many network/format errors become one line)
             raise KTMError(
                 f"could not load {data_files} with datasets ({type(exc).__name__}: {_one_line(exc)})",
                 "check the network or hub_root, or use source: jsonl with data_dir",
@@ -659,7 +658,7 @@ def mine_commits(
 
 def main(argv: list[str] | None = None) -> int:
     """`ktm data commits --repo PATH [--language python] [--out FILE] ...`: mine commits, print a summary."""
-    p = argparse.ArgumentParser(prog="ktm data commits", description="Mine single-file edit commits of a local git repository into CommitPackFT-style JSON Lines.")
+    p = OneLineParser(prog="ktm data commits", description="Mine single-file edit commits of a local git repository into CommitPackFT-style JSON Lines.")
     p.add_argument("--repo", required=True, help="path of a local git clone")
     p.add_argument("--language", default="python", choices=sorted(LANGUAGE_EXTENSIONS))
     p.add_argument("--out", default=None, help="output .jsonl (default: $KTM_DATA/commits/<folder>-<language>.jsonl)")

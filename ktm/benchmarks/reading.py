@@ -108,7 +108,7 @@ def hub_documents(spec: str, text_field: str, limit: int) -> Iterator[tuple[str,
     try:
         stream = load_dataset(name, config or None, split="train", streaming=True)
         rows = [row for _, row in zip(range(limit), stream)]
-    except Exception as exc:  # the library raises many types: one line for each kind
+    except Exception as exc:  # noqa: BLE001  (the library raises many types: one line for each kind)
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         if _is_unreachable(exc):
             raise KTMError(f"reading source hf:{spec}: the hub is not reachable ({detail})", fix) from None

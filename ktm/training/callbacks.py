@@ -1,4 +1,5 @@
-"""Callbacks: throughput, run outputs (metrics JSON + exported model), and a resumable checkpoint on Ctrl-C or SIGTERM.
+"""Callbacks: throughput, run outputs (metrics JSON + exported model + TensorBoard's views to compare K), and a
+resumable checkpoint on Ctrl-C or SIGTERM.
 
 Every number written here comes from the run itself; files are written atomically with checksums.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +41,8 @@ class Throughput(L.Callback):
     mixed K schedule count for their own K, and validation never counts (nor loading, which here only
     hands out text)."""
 
+    NAMES = ("samples_per_s", "prompt_tokens_per_s", "merged_tokens_per_s")  # speed/k<K>/<name>
+
     def __init__(self, log_every_n_steps: int = 10):
         self.every = log_every_n_steps
         self._t = 0.0
@@ -64,20 +68,306 @@ class Throughput(L.Callback):
         for k, (dt, prompt, merged, samples) in self._acc.items():
             if dt <= 0:
                 continue
-            stats = {"samples_per_s": samples / dt, "prompt_tokens_per_s": prompt / dt, "merged_tokens_per_s": merged / dt}
+            stats = dict(zip(self.NAMES, (samples / dt, prompt / dt, merged / dt)))
             for name, value in stats.items():
                 pl_module.log(f"speed/k{k}/{name}", value, rank_zero_only=True)
             self.summary[f"k{k}"] = stats
         self._acc = {}
 
 
+# -- TensorBoard: every K in one chart ---------------------------------------------------------------------
+BY_K = "by_k"  # <run>/by_k/k<K>/: one TensorBoard run per K, holding val/<metric> and test/<metric> of that K
+
+# Metric names shown first in TensorBoard's comparison views (the rest follow alphabetically); counts are left out.
+_FIRST = ("balanced_accuracy", "accuracy", "majority_baseline", "pl_f1", "perplexity", "perplexity_vs_base", "performance",
+          "compression", "exact_match", "line_similarity")
+_COUNTS = ("examples", "generated")
+_GENERATION = ("exact_match", "line_similarity")  # test only, with model.generate_eval_examples > 0 (module.generation_scores)
+
+
+def _ordered(names) -> list[str]:
+    names = [n for n in dict.fromkeys(names) if n not in _COUNTS]
+    return [n for n in _FIRST if n in names] + sorted(n for n in names if n not in _FIRST)
+
+
+def k_layout(val: list[str], test: list[str], train: list[str], speed: list[str]):
+    """TensorBoard's Custom Scalars layout: one chart per metric with one line per K.
+
+    val/test charts match `val/<metric>` (`^val/balanced_accuracy$`), which only the per-K runs <run>/by_k/k<K>
+    hold: TensorBoard colours lines by run, so each K gets its own colour. train/speed charts match every K's
+    tag of the run itself (`^train/k\\d+/loss$`): one colour, a marker per K (the K mostly train at different
+    steps). Built from names only, so runs with the same metric have identical charts, which TensorBoard
+    merges: a sweep (one K per run) or several seeds show in the same charts."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    def chart(title: str, regex: str):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex]))
+
+    def category(title: str, charts: list, closed: bool = False):
+        return layout_pb2.Category(title=title, chart=charts, closed=closed)
+
+    categories = [
+        category("val: one line per K (runs <run>/by_k/k<K>)", [chart(f"val/{n}", f"^val/{re.escape(n)}$") for n in val]),
+        category("test: one point per K, at the step of the tested checkpoint", [chart(f"test/{n}", f"^test/{re.escape(n)}$") for n in test]),
+        category("train: one line per K (the K of each step)", [chart(f"train/k*/{n}", rf"^train/k\d+/{re.escape(n)}$") for n in train]),
+        category("speed: training throughput, one line per K", [chart(f"speed/k*/{n}", rf"^speed/k\d+/{re.escape(n)}$") for n in speed],
+                 closed=True),
+    ]
+    return layout_pb2.Layout(category=[c for c in categories if c.chart])
+
+
+def _layout_summary(layout):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG, create_summary_metadata
+
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()], tensor_shape=TensorShapeProto())
+    return Summary(value=[Summary.Value(tag=CONFIG_SUMMARY_TAG, tensor=tensor, metadata=create_summary_metadata())])
+
+
+def _hparam_values(trainer: L.Trainer, pl_module) -> dict[str, bool | float | str]:
+    """The run's settings as TensorBoard HParams: model.*, data.*, trainer.* and seed, nested mappings flattened
+    (model.lora.r), lists and per-K mappings as one text value ({1: 0.001, 2: 0.0003}), None as 'null'."""
+    import dataclasses
+
+    out: dict[str, bool | float | str] = {}
+
+    def put(key: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        per_k = isinstance(value, dict) and value and all(isinstance(k, int) or str(k).isdigit() for k in value)
+        if per_k:  # {1: 1e-3, '2': 3e-4} (config.yaml writes the keys as text): one value, written alike in every run
+            out[key] = "{" + ", ".join(f"{int(k)}: {v}" for k, v in sorted(value.items(), key=lambda kv: int(kv[0]))) + "}"
+        elif isinstance(value, dict) and value:
+            for k, v in value.items():
+                put(f"{key}.{k}", v)
+        elif isinstance(value, (bool, str)):
+            out[key] = value
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+        else:
+            out[key] = "null" if value is None else str(value)
+
+    dm = trainer.datamodule
+    for prefix, hparams in (("model", pl_module.hparams), ("data", getattr(dm, "hparams", None) or {})):
+        for name, value in dict(hparams).items():
+            if not name.startswith("_"):  # LightningCLI's _instantiator
+                put(f"{prefix}.{name}", value)
+    for name in ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "world_size"):
+        put(f"trainer.{name}", getattr(trainer, name, None))
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    put("seed", int(seed) if seed and seed.lstrip("-").isdigit() else seed)
+    return out
+
+
+def _hparams_summary(tag: str, **data):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.hparams.metadata import NULL_TENSOR, create_summary_metadata
+
+    meta = create_summary_metadata(plugin_data_pb2.HParamsPluginData(**data))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=NULL_TENSOR)])
+
+
+def event_tags(folder: Path, wanted: set[str] | None = None) -> set[str]:
+    """The summary tags in `folder`'s own event files (not its subfolders'), or those of `wanted`."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags: set[str] = set()
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                tags |= {v.tag for v in event.summary.value if wanted is None or v.tag in wanted}
+        except Exception as exc:  # noqa: BLE001  (a damaged events file: count what was read)
+            log.debug("could not read %s: %s", path, exc)
+    return tags
+
+
+class TensorBoardViews:
+    """What the run's TensorBoard events need so that K (and runs) compare at a glance; RunOutputs calls it.
+
+    - One TensorBoard run per K, <run>/by_k/k<K>, with that K's `val/<metric>` (at each validation, at the step
+      Lightning logs `val/k<K>/<metric>`) and `test/<metric>`: one chart per metric then shows every K as its
+      own coloured line, in the Scalars tab and in Custom Scalars. The run's own `val/k<K>/<metric>` tags stay.
+    - Custom Scalars: k_layout, once per run, at the first validation.
+    - HParams: the run's settings (a session start, once per run, when training starts) and its end (fit end).
+      No experiment summary: TensorBoard then takes the union of every run's settings, and the last value of
+      every scalar as the metric columns, i.e. the final val/test numbers; one run's experiment summary would
+      decide the columns of all (a sweep's other K would be missing).
+    - `ktm test` / `ktm validate`: their scalars at the step the evaluated checkpoint was trained to (not at
+      step 0 before training, and without an `epoch` point that would hide the training's), named as the
+      module logged them (test/k4/accuracy, ...); the module keeps them out of Lightning's logger.
+
+    "Once per run": the run's earlier event files (a resumed fit, a later `ktm test`) are read for it first."""
+
+    def __init__(self):
+        self._tags: set[str] | None = None  # our once-per-run tags the run has (its event files + this process)
+        self._k_writers: dict[int, Any] = {}
+
+    @staticmethod
+    def logger(trainer: L.Trainer):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def _has(self, trainer: L.Trainer, tag: str) -> bool:
+        if self._tags is None:
+            from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG
+            from tensorboard.plugins.hparams.metadata import SESSION_END_INFO_TAG, SESSION_START_INFO_TAG
+
+            self._tags = event_tags(run_dir(trainer), {CONFIG_SUMMARY_TAG, SESSION_START_INFO_TAG, SESSION_END_INFO_TAG})
+        return tag in self._tags
+
+    def _add_once(self, trainer: L.Trainer, tag: str, make_summary) -> None:
+        logger = self.logger(trainer)
+        if logger is None or self._has(trainer, tag):
+            return
+        writer = logger.experiment
+        writer._get_file_writer().add_summary(make_summary())  # as Lightning's own log_hyperparams does
+        writer.flush()
+        self._tags.add(tag)
+
+    def session_start(self, trainer: L.Trainer, pl_module, start_time: float) -> None:
+        from tensorboard.plugins.hparams import plugin_data_pb2
+        from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG
+
+        def summary():
+            info = plugin_data_pb2.SessionStartInfo(start_time_secs=start_time)
+            for name, value in _hparam_values(trainer, pl_module).items():
+                if isinstance(value, bool):
+                    info.hparams[name].bool_value = value
+                elif isinstance(value, float):
+                    info.hparams[name].number_value = value
+                else:
+                    info.hparams[name].string_value = value
+            return _hparams_summary(SESSION_START_INFO_TAG, session_start_info=info)
+
+        self._add_once(trainer, SESSION_START_INFO_TAG, summary)
+
+    def session_end(self, trainer: L.Trainer) -> None:
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+        from tensorboard.plugins.hparams.metadata import SESSION_END_INFO_TAG
+
+        self._add_once(trainer, SESSION_END_INFO_TAG, lambda: _hparams_summary(
+            SESSION_END_INFO_TAG, session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())))
+
+    def layout(self, trainer: L.Trainer, pl_module) -> None:
+        from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG
+
+        results = getattr(pl_module, "results", {})
+        if not (results.get("val") or results.get("test")):
+            return
+        val = _ordered(name for values in (results.get("val") or results["test"]).values() for name in values)
+        test = _ordered(name for values in results.get("test", {}).values() for name in values)
+        if not test:  # written during fit: test will report what val does (+ generation scores when asked for)
+            test = _ordered([*val, *(_GENERATION if pl_module.hparams.get("generate_eval_examples") else ())])
+        model = pl_module.model
+        train = ["loss"]
+        if any(k > 1 for k in model.ks) and getattr(model.compressor, "uses_encoder", False):
+            train.append("encoder_correction_ratio")
+        if pl_module.hparams.get("distill_weight"):
+            train += ["distill_kl", "target_loss"]
+        self._add_once(trainer, CONFIG_SUMMARY_TAG, lambda: _layout_summary(k_layout(val, test, train, list(Throughput.NAMES))))
+
+    def per_k(self, trainer: L.Trainer, split: str, per_k: dict[int, dict[str, float]], step: int) -> None:
+        """`<split>/<metric>` of each K into its run <run>/by_k/k<K>."""
+        if self.logger(trainer) is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        for k, values in sorted(per_k.items()):
+            writer = self._k_writers.get(k)
+            if writer is None:
+                writer = self._k_writers[k] = SummaryWriter(str(run_dir(trainer) / BY_K / f"k{k}"))
+            for name, value in values.items():
+                writer.add_scalar(f"{split}/{name}", float(value), step)
+            writer.flush()
+
+    def evaluation(self, trainer: L.Trainer, pl_module, split: str) -> None:
+        """`ktm test` / `ktm validate`: the split's metrics as logged by the module, at the trained step."""
+        logger = self.logger(trainer)
+        step = trained_step(trainer, pl_module)
+        prefixes = (f"{split}/", f"{split}_stage/")
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith(prefixes)}
+        for lg in trainer.loggers:  # TensorBoard, and any other logger configured, get the same points
+            lg.log_metrics(metrics, step=step)
+        if logger is not None:
+            logger.experiment.flush()
+        self.per_k(trainer, split, pl_module.results.get(split, {}), step)
+
+    def close(self) -> None:
+        for writer in self._k_writers.values():
+            writer.close()
+        self._k_writers = {}
+
+
+def backfill_k_views(folder: str | os.PathLike) -> list[int]:
+    """Give a run folder written before TensorBoardViews existed its per-K runs (<run>/by_k/k<K>, unless it has
+    them) and its Custom Scalars layout (unless it has one), from its own `val|test/k<K>/<metric>` scalars. Test
+    points go to metrics.json's global_step (the old events hold them at step 0). Returns the K written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = Path(folder)
+    points: dict[tuple[str, int, str], list[tuple[int, float]]] = {}  # (split, K, metric) -> [(step, value)]
+    names: dict[str, list[str]] = {"val": [], "test": [], "train": [], "speed": []}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            m = re.match(r"^(val|test|train|speed)/k(\d+)/(.+)$", tag)
+            if m:
+                names[m[1]].append(m[3])
+                if m[1] in ("val", "test"):
+                    points.setdefault((m[1], int(m[2]), m[3]), []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    step = None
+    with suppress(KTMError, OSError):
+        step = read_json(folder / "metrics.json", "metrics file").get("global_step")
+    written: set[int] = set()
+    if not (folder / BY_K).exists():
+        writers: dict[int, Any] = {}
+        for (split, k, name), values in sorted(points.items()):
+            writer = writers.get(k) or writers.setdefault(k, SummaryWriter(str(folder / BY_K / f"k{k}")))
+            for s, v in values:
+                writer.add_scalar(f"{split}/{name}", v, step if split == "test" and step is not None and s == 0 else s)
+        for writer in writers.values():
+            writer.close()
+        written = set(writers)
+    if (names["val"] or names["test"]) and not event_tags(folder, {CONFIG_SUMMARY_TAG}):
+        layout = k_layout(_ordered(names["val"] or names["test"]), _ordered(names["test"] or names["val"]),
+                          _ordered(names["train"]), _ordered(names["speed"]))
+        writer = SummaryWriter(str(folder))
+        writer._get_file_writer().add_summary(_layout_summary(layout))
+        writer.close()
+    return sorted(written)
+
+
+def trained_step(trainer: L.Trainer, pl_module) -> int:
+    """The optimizer step the evaluated weights were trained to: fit's own step; for `ktm test`/`validate` (a
+    fresh trainer at step 0) that of the checkpoint they loaded, or 0 without one (an untrained model)."""
+    if trainer.state.fn == "fit":
+        return trainer.global_step
+    step = getattr(pl_module, "trained_step", None)
+    return int(step) if step is not None else trainer.global_step
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The x Lightning gives what a fit logs now (it counts batches that stepped; 0-based at an epoch's end)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
 class RunOutputs(L.Callback):
     """Writes <run>/metrics.json (val + test per K, data info, curriculum, speed, versions and hardware) and <run>/export/
-    (KTMModel.from_pretrained loads it) at the end of fit and test."""
+    (KTMModel.from_pretrained loads it) at the end of fit and test, and TensorBoard's views to compare K
+    (TensorBoardViews: a TensorBoard run per K under <run>/by_k/, a Custom Scalars layout, HParams, and test/validate
+    scalars at the trained step)."""
 
-    def __init__(self, export: bool = True):
+    def __init__(self, export: bool = True, tensorboard: bool = True):
         self.export = export
         self.started = time.time()
+        self.views = TensorBoardViews() if tensorboard else None
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module, phase: str) -> None:
@@ -116,15 +406,43 @@ class RunOutputs(L.Callback):
             pl_module.model.save(folder / "export", extra={"run": str(folder)})
             log.info("exported the model to %s (ktm generate --ckpt %s \"...\")", folder / "export", folder / "export")
 
+    @rank_zero_only
+    def _views(self, trainer: L.Trainer, pl_module, phase: str) -> None:
+        if self.views is None:
+            return
+        try:
+            if phase in ("test", "validate"):
+                self.views.evaluation(trainer, pl_module, "test" if phase == "test" else "val")
+            elif phase == "validation":
+                self.views.per_k(trainer, "val", pl_module.results.get("val", {}), logged_step(trainer))
+            self.views.session_start(trainer, pl_module, self.started)
+            self.views.layout(trainer, pl_module)
+            if phase == "fit_end":
+                self.views.session_end(trainer)
+        except Exception as exc:  # noqa: BLE001  (TensorBoard's extras never fail a run: say so in one line)
+            log.warning("could not write the TensorBoard comparison views: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._views(trainer, pl_module, "train_start")  # the run shows in the HParams table while it trains
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.views is not None:
+            self.views.close()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "fit")
+        self._views(trainer, pl_module, "fit_end")
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "test")
+        self._views(trainer, pl_module, "test")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
             self._write(trainer, pl_module, "validate")
+            self._views(trainer, pl_module, "validate")
+        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._views(trainer, pl_module, "validation")  # the first one writes the layout
 
 
 @contextmanager

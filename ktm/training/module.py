@@ -1,7 +1,8 @@
 """KTMModule: the LightningModule around KTMModel (frozen base + LoRA + merge encoders).
 
 Train: loss on answer tokens only, at the curriculum's K for this step. Validate/test: every K in `eval_ks`
-on the same examples, so TensorBoard compares K side by side (`val/k4/accuracy`, `val/k1/perplexity`).
+on the same examples, so TensorBoard compares K side by side (`val/k4/accuracy`, `val/k1/perplexity`; RunOutputs
+also writes each K as its own TensorBoard run, so one chart shows every K).
 Checkpoints hold only the trainable weights (LoRA + encoders) plus the base's fingerprint; the frozen
 base is loaded from its source, and a checkpoint of another base is refused.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,7 @@ from torch import nn
 
 from ktm.errors import KTMError
 from ktm.metrics import KMetrics, add_perplexity_f1
-from ktm.model import KTMModel, LoraSettings
+from ktm.model import KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
@@ -129,9 +131,11 @@ class KTMModule(L.LightningModule):
         self._warned_ks: set[int] = set()
         self._encoder_lrs = encoder_lrs  # {K: lr}, empty when one lr serves all encoders
         self._k_entry: list[int] | None = None  # the K schedule entry trained last (checkpointed)
+        self.trained_step: int | None = None  # global step of the checkpoint this trainer call loaded (None: none)
 
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -261,12 +265,15 @@ class KTMModule(L.LightningModule):
         if self.task == "perplexity":
             add_perplexity_f1(per_k)
         dm = self.trainer.datamodule
+        # Lightning's logger only while fitting: `ktm test`/`validate` start at step 0, so RunOutputs writes their
+        # numbers (these names, from callback_metrics) at the step of the checkpoint they evaluate.
+        fitting = self.trainer.state.fn == "fit"
         for k, values in per_k.items():
             for name, value in values.items():
-                self.log(f"{split}/k{k}/{name}", value, sync_dist=False, rank_zero_only=True)
+                self.log(f"{split}/k{k}/{name}", value, sync_dist=False, rank_zero_only=True, logger=fitting)
             for name in ("accuracy", "balanced_accuracy", "perplexity", "pl_f1"):
-                if name in values:  # the same numbers tagged by data stage, to compare stages
-                    self.log(f"{split}_stage/{dm.stage}/k{k}/{name}", values[name], rank_zero_only=True)
+                if name in values and len(dm.stages) > 1:  # the same numbers tagged by data stage, to compare stages
+                    self.log(f"{split}_stage/{dm.stage}/k{k}/{name}", values[name], rank_zero_only=True, logger=fitting)
         self.results[split] = per_k
         return per_k
 
@@ -291,8 +298,8 @@ class KTMModule(L.LightningModule):
             for k in self.eval_ks:
                 scores = generation_scores(self.model, examples, k, self.hparams.generate_max_new_tokens)
                 per_k[k].update(scores)
-                for name, value in scores.items():
-                    self.log(f"test/k{k}/{name}", value, rank_zero_only=True)
+                for name, value in scores.items():  # to the logger by RunOutputs, as the other test numbers
+                    self.log(f"test/k{k}/{name}", value, rank_zero_only=True, logger=False)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -323,14 +330,55 @@ class KTMModule(L.LightningModule):
         saved = checkpoint.get("ktm")
         if saved is None:
             raise KTMError("this checkpoint was not written by ktm (no 'ktm' metadata)", "resume from a checkpoints/<exp>/<run>/checkpoints/*.ckpt file")
-        mine = self.model.metadata()
-        for key in ("base_fingerprint", "ks", "keep_tail", "hidden_size", "encoder_bound"):
-            if saved.get(key) != mine.get(key):  # an export or checkpoint without encoder_bound was unbounded (None)
-                raise KTMError(
-                    f"checkpoint was trained with {key}={str(saved.get(key))[:40]}, this run has {str(mine.get(key))[:40]}",
-                    "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
+        mismatch = checkpoint_mismatch(saved, self.model.metadata())
+        if mismatch:
+            key, theirs, mine = mismatch
+            raise KTMError(f"checkpoint was trained with {key}={str(theirs)[:40]}, this run has {str(mine)[:40]}",
+                           "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
         self.model.truncated_prompts = checkpoint.get("ktm_counts", {}).get("truncated_prompts", 0)
         self._k_entry = checkpoint.get("ktm_k_entry")
+        self.trained_step = checkpoint.get("global_step")  # `ktm test` logs at it (its own trainer is at step 0)
+
+
+# What a checkpoint must share with the run that loads it: the settings that shape the trained weights, and
+# the base weights themselves. Compared where the checkpoint records them: the CLI compares the config with the
+# checkpoint's hyper_parameters before loading it (they hold no fingerprint), on_load_checkpoint the model
+# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in _UNRECORDED.
+CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "encoder_multiplier", "encoder_bound",
+                   "compressor", "lora")
+_UNRECORDED = {"encoder_bound": None, "compressor": "merge"}
+
+
+def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """(key, the checkpoint's value, this run's value) for the first key of CKPT_MUST_MATCH on which they differ,
+    None when the checkpoint fits. K values compare as a set, LoRA settings by the shapes they give."""
+    for key in CKPT_MUST_MATCH:
+        if key not in saved and key not in _UNRECORDED:
+            continue
+        theirs, ours = _comparable(key, saved.get(key, _UNRECORDED.get(key))), _comparable(key, mine.get(key))
+        if theirs != ours and not (key == "lora" and _same_lora_layers(mine.get("base") or saved.get("base"), theirs, ours)):
+            return key, theirs, ours
+    return None
+
+
+def _same_lora_layers(base: Any, theirs: Any, ours: Any) -> bool:
+    """Two target spellings that adapt the same layers fit (a checkpoint's [q_proj, ..., lm_head] and today's
+    default [all-linear, lm_head] on SmolLM2). Unknown when the base's config cannot be read: then they differ."""
+    if not (base and theirs and ours) or theirs.get("r") != ours.get("r"):
+        return False
+    try:
+        return same_lora_targets(base, theirs["target_modules"], ours["target_modules"])
+    except (KTMError, OSError):
+        return False
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key == "ks" and value is not None:
+        return sorted(set(value))
+    if key == "lora" and value is not None:
+        d = value if isinstance(value, dict) else (value.as_dict() if hasattr(value, "as_dict") else vars(value))
+        return {k: d.get(k) for k in ("r", "target_modules")}  # alpha/dropout do not change the weights' shapes
+    return value
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

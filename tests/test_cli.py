@@ -1,0 +1,97 @@
+"""The CLI layer: one-line parse errors for every command, one rule for whether a checkpoint fits, and the layering
+(ktm/cli.py dispatches; ktm/training never imports it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from ktm.cli import main
+from ktm.training.module import CKPT_MUST_MATCH, checkpoint_mismatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["fit", "--exp", "tree_k4", "--frobnicate=1"], "ktm fit"),
+    (["generate", "--ckpt", ".", "--frobnicate", "hi"], "ktm generate"),
+    (["data", "build", "--frobnicate"], "ktm data"),  # argparse reports unknown flags from the top parser
+    (["bench", "--frobnicate"], "ktm bench"),
+    (["data", "commits", "--repo", ".", "--frobnicate"], "ktm data commits"),
+])
+def test_a_bad_flag_is_one_line(argv, command, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ktm: error: unknown option --frobnicate"), err[0]
+    assert err[0].endswith(f"check the spelling; `{command} --help` lists every option"), err[0]
+
+
+def test_a_missing_required_flag_of_the_commit_miner_is_one_line(capsys):
+    assert main(["data", "commits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ktm: error: the following arguments are required: --repo -> fix the command line or config "
+                   "(`ktm data commits --help` lists every option)"]
+
+
+SETTINGS = {"base": "smollm2-135m", "ks": [1, 2, 4], "keep_tail": 0, "encoder_multiplier": None, "encoder_bound": 1.0,
+            "compressor": "merge", "lora": {"r": 4, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj"]}}
+
+
+@pytest.mark.parametrize("saved, mine, expected", [
+    (SETTINGS, SETTINGS, None),
+    (SETTINGS, {**SETTINGS, "ks": [4, 2, 1, 2]}, None),  # K values are a set
+    (SETTINGS, {**SETTINGS, "ks": [1, 4]}, ("ks", [1, 2, 4], [1, 4])),
+    (SETTINGS, {**SETTINGS, "base": "other"}, ("base", "smollm2-135m", "other")),
+    (SETTINGS, {**SETTINGS, "lora": {**SETTINGS["lora"], "alpha": 32, "dropout": 0.0}}, None),  # same shapes
+    (SETTINGS, {**SETTINGS, "lora": {**SETTINGS["lora"], "r": 8}},
+     ("lora", {"r": 4, "target_modules": ["q_proj"]}, {"r": 8, "target_modules": ["q_proj"]})),
+    (SETTINGS, {**SETTINGS, "max_prompt_tokens": 64, "lr_lora": 1e-3}, None),  # does not shape the weights
+    (SETTINGS, {**SETTINGS, "base_fingerprint": "ab"}, None),  # hyper_parameters hold no fingerprint: not compared
+    ({**SETTINGS, "base_fingerprint": "ab"}, {**SETTINGS, "base_fingerprint": "cd"}, ("base_fingerprint", "ab", "cd")),
+    ({k: v for k, v in SETTINGS.items() if k != "encoder_bound"}, SETTINGS, ("encoder_bound", None, 1.0)),  # was unbounded
+    ({k: v for k, v in SETTINGS.items() if k != "compressor"}, SETTINGS, None),  # was merge
+    ({k: v for k, v in SETTINGS.items() if k != "compressor"}, {**SETTINGS, "compressor": "mean_pool"},
+     ("compressor", "merge", "mean_pool")),
+    ({k: v for k, v in SETTINGS.items() if k != "keep_tail"}, {**SETTINGS, "keep_tail": 3}, None),  # not recorded
+])
+def test_checkpoint_mismatch(saved, mine, expected):
+    assert checkpoint_mismatch(saved, mine) == expected
+
+
+def test_a_checkpoint_with_the_old_explicit_lora_list_fits_the_new_default_spelling():
+    from ktm.model import DEFAULT_LORA_TARGETS, LLAMA_LORA_TARGETS
+
+    old = {**SETTINGS, "lora": {**SETTINGS["lora"], "target_modules": list(LLAMA_LORA_TARGETS)}}
+    new = {**SETTINGS, "lora": {**SETTINGS["lora"], "target_modules": list(DEFAULT_LORA_TARGETS)}}
+    assert checkpoint_mismatch(old, new) is None  # SmolLM2 is Llama-shaped: the same layers
+    key, _, _ = checkpoint_mismatch(SETTINGS, new)  # [q_proj] alone is another adapter
+    assert key == "lora"
+
+
+def test_checkpoint_keys_are_settings_of_the_module_or_its_metadata():
+    import inspect
+
+    from ktm.training.module import KTMModule
+
+    module_args = set(inspect.signature(KTMModule.__init__).parameters)
+    assert set(CKPT_MUST_MATCH) - module_args == {"base_fingerprint", "hidden_size"}  # metadata only
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_layers_import_downwards_only():
+    for path in sorted((REPO / "ktm" / "training").glob("*.py")):
+        assert not {n for n in _imports(path) if n == "ktm.cli" or n.startswith("ktm.cli.")}, path
+    cli = _imports(REPO / "ktm" / "cli.py")
+    assert not {n for n in cli if n.startswith("lightning")}, "ktm/cli.py dispatches; Lightning belongs to ktm/training"
