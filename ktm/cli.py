@@ -85,6 +85,9 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="override the base model location (same weights required)")
+    p.add_argument("--keep", default=None, metavar="TEXT",
+                   help="text that follows each prompt and stays in tokens, not merged (e.g. the question, for a model "
+                        "trained with model.keep_marked)")
     p.add_argument("prompts", nargs="+", help="prompt text(s); '-' reads one prompt from stdin")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
@@ -94,6 +97,8 @@ def cmd_generate(argv: list[str]) -> None:
     if not 0 < a.top_p <= 1:
         raise KTMError(f"--top-p must be in (0, 1], got {a.top_p}", "pass e.g. 0.9, or 1 to disable")
     prompts = [sys.stdin.read() if x == "-" else x for x in a.prompts]
+    if a.keep:
+        prompts = [(x, a.keep) for x in prompts]
     from ktm.model import KTMModel, check_k
 
     if a.k is not None:

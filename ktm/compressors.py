@@ -22,6 +22,16 @@ Token selectors keep the layout's tail verbatim, as the merge does (the question
 choose the other L - t tokens from the first n - t; with keep_tail = 0 (the paper) they choose from the
 whole prompt. Their output keeps the prompt's order.
 
+A prompt's kept span (its last `kept` tokens, from a (text to merge, text to keep) pair, see
+KTMModel.encode_prompts) stays untouched with every compressor: `embeddings()` compresses the rest of the
+prompt (its n - kept tokens) at that rest's budget and appends the span's own token embeddings, so
+
+    L = budget(n - kept, K, keep_tail) + kept   (= merged_length(n, K, keep_tail, kept) for all but `none`)
+
+A compressor therefore never sees the span: `compress` keeps its contract, custom subclasses included.
+Selectors that score tokens score the rest alone (self_information: the same surprisals, as the base is
+causal and the span comes last; llmlingua2: its classifier reads the rest's text without the span).
+
 Contract: `compress(model, prompt_ids, k)` returns one entry per prompt, either a list of L token ids
 (embedded with the base's own frozen table) or an (L, d) tensor of embeddings. Each prompt is compressed
 on its own, never padded together with its neighbours, so KTMModel.build_batch (which left-pads them at the
@@ -94,13 +104,29 @@ class Compressor:
         """Per prompt: a list of `budget` token ids, or a (budget, d) tensor of embeddings."""
         raise NotImplementedError
 
-    def embeddings(self, model: "KTMModel", prompt_ids: Sequence[Sequence[int]], k: int) -> list[torch.Tensor]:
-        """compress(), checked against the budget, as one (L_i, d) tensor per prompt on the model's device."""
+    def embeddings(self, model: "KTMModel", prompt_ids: Sequence[Sequence[int]], k: int,
+                   kept: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """compress(), checked against the budget, as one (L_i, d) tensor per prompt on the model's device.
+        `kept[i]` last tokens of prompt i are its kept span: only the rest is compressed, and the span's token
+        embeddings follow it (module docstring)."""
+        spans: list[list[int]] = []
+        if kept is not None and any(kept):
+            spans = [list(p[len(p) - c :]) if c else [] for p, c in zip(prompt_ids, kept, strict=True)]
+            prompt_ids = [list(p[: len(p) - c]) if c else p for p, c in zip(prompt_ids, kept)]
         out = self.compress(model, prompt_ids, k)
         for p, o in zip(prompt_ids, out, strict=True):
             want = self.budget(len(p), k, model.keep_tail)
             if len(o) != want:  # not `assert`: a custom compressor breaking the contract must not pass under -O
                 raise AssertionError(f"compressor {self.name!r} returned {len(o)} positions for a {len(p)}-token prompt at K={k}, not {want}")
+        if spans and out and not torch.is_tensor(out[0]):
+            out = [list(o) + s if s else o for o, s in zip(out, spans)]  # token ids: the span joins the one lookup below
+        elif spans:
+            longest = max(len(s) for s in spans)
+            padded = torch.full((len(spans), longest), model.pad_id, dtype=torch.long)
+            for i, s in enumerate(spans):
+                padded[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            emb = model.embed(padded.to(model.embed.weight.device))
+            out = [torch.cat([o, emb[i, : len(s)].to(o.dtype)]) if s else o for i, (o, s) in enumerate(zip(out, spans))]
         if not out or torch.is_tensor(out[0]):
             return out
         longest = max(len(o) for o in out)

@@ -4,7 +4,11 @@ How a prompt of n tokens becomes a K-times shorter sequence (`build_batch`):
 
     [ head: r tokens ][ m blocks of K tokens -> m merged embeddings ][ tail: t tokens ][ target tokens ]
       r = (n - t) % K  (< K, left unmerged so no block mixes pad and real tokens)
-      t = min(keep_tail, n)  (0 = the paper: everything merged)
+      t = min(keep_tail + kept, n)  (0 = the paper: everything merged)
+
+`kept` is the example's own kept span: a prompt given as a pair (text to merge, text to keep) has its
+second text's tokens at its end, and they stay tokens (`encode_prompts`; benchmarks mark the span, used
+with `model.keep_marked`). A plain string prompt has kept = 0.
 
 Sequences of a batch are then left-padded with zero vectors at the *sequence* level; pad positions are
 masked out of attention and position ids count real positions only, so an example gives the same
@@ -22,7 +26,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 FORMAT_VERSION = 1
+# A prompt: a string (all of it merged K-to-1), or a pair (text to merge, text kept in tokens after it).
+Prompt = Union[str, tuple[str, str]]
 ALL_LINEAR, LM_HEAD = "all-linear", "lm_head"
 # The paper's LoRA targets on any base: every linear layer of the transformer blocks (peft's `all-linear`, which
 # leaves the output head out) plus the LM head. resolve_lora_targets turns them into the base's layer names.
@@ -83,7 +89,7 @@ def _number(x) -> bool:
 
 
 def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
-                   lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge") -> list[int]:
+                   lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge", keep_marked=False) -> list[int]:
     """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
 
     Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
@@ -93,6 +99,9 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
     ks = sorted({check_k(k) for k in ks})
     if isinstance(keep_tail, bool) or not isinstance(keep_tail, int) or keep_tail < 0:
         raise KTMError(f"keep_tail must be a whole number >= 0, got {keep_tail!r}", "set model.keep_tail to 0 (paper) or e.g. 16")
+    if not isinstance(keep_marked, bool):
+        raise KTMError(f"model.keep_marked must be true or false, got {keep_marked!r}",
+                       "set it to false (the paper: merge the whole prompt) or true (the benchmark's marked span stays in tokens)")
     if encoder_multiplier is not None:
         f = encoder_multiplier
         if not _number(f) or f <= 0:
@@ -229,7 +238,8 @@ def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> boo
     return lora_target_paths(skeleton, a) == lora_target_paths(skeleton, b)
 
 
-_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor")
+_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
+             "keep_marked")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -248,16 +258,28 @@ def encoder_parameters(k: int, d: int, multiplier: float | None) -> int:
     return (k * d * h + h) + (h * k * d + k * d) + (k * d * d + d)
 
 
-def block_layout(n: int, k: int, keep_tail: int) -> tuple[int, int, int]:
-    """(head, blocks, tail) for a prompt of n tokens: head + blocks*k + tail == n, head < k."""
-    tail = min(keep_tail, n)
+def block_layout(n: int, k: int, keep_tail: int, kept: int = 0) -> tuple[int, int, int]:
+    """(head, blocks, tail) for a prompt of n tokens whose last `kept` tokens are its kept span:
+    head + blocks*k + tail == n, head < k, tail = min(keep_tail + kept, n)."""
+    tail = min(keep_tail + kept, n)
     body = n - tail
     return body % k, body // k, tail
 
 
-def merged_length(n: int, k: int, keep_tail: int = 0) -> int:
-    head, blocks, tail = block_layout(n, k, keep_tail)
+def merged_length(n: int, k: int, keep_tail: int = 0, kept: int = 0) -> int:
+    head, blocks, tail = block_layout(n, k, keep_tail, kept)
     return head + blocks + tail
+
+
+def split_marked(prompt: str, keep: str) -> Prompt:
+    """An example's prompt as a (text to merge, text to keep) pair when it marks a kept suffix `keep`;
+    the prompt itself when it marks none."""
+    if not keep:
+        return prompt
+    if not prompt.endswith(keep):
+        raise KTMError(f"the kept span {keep[:40]!r} is not the end of its prompt {prompt[-40:]!r}",
+                       "mark a suffix of the prompt (Example.keep)")
+    return prompt[: len(prompt) - len(keep)], keep
 
 
 class KTMModel(nn.Module):
@@ -275,14 +297,17 @@ class KTMModel(nn.Module):
         long_prompt_policy: str = "error",
         encoder_bound: float | None = 1.0,
         compressor: str = "merge",
+        keep_marked: bool = False,
     ):
         super().__init__()
-        ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor)
+        ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor,
+                            keep_marked)
         from ktm.compressors import get_compressor
 
         self.compressor = get_compressor(compressor)  # what build_batch feeds the LM (ktm.compressors); "merge" = the method
         self.tokenizer = tokenizer
         self.ks, self.keep_tail = ks, keep_tail
+        self.keep_marked = keep_marked  # examples' marked spans (Example.keep) stay in tokens: example_prompts
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.lora_settings = lora if lora is not None and lora.r > 0 else None
         self.encoder_multiplier, self.encoder_bound = encoder_multiplier, encoder_bound
@@ -345,8 +370,39 @@ class KTMModel(nn.Module):
         }
 
     # -- tokens ----------------------------------------------------------------------------------
-    def tokenize_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[int]]:
+        """(ids, kept) of each prompt, unchecked. A string is tokenized whole with the tokenizer's special
+        tokens (its BOS); a pair (merge, keep) is its first text tokenized so, then its second without special
+        tokens appended: those last tokens are its kept span. One tokenizer call per kind of text."""
+        texts, keeps = [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                texts.append(p)
+                continue
+            if (not isinstance(p, (tuple, list)) or len(p) != 2 or not all(isinstance(t, str) for t in p)):
+                raise KTMError(f"prompt #{i} is a {type(p).__name__}, not a string or a (text to merge, text to keep) pair",
+                               "pass each prompt as a string, or as a pair of strings")
+            texts.append(p[0])
+            keeps.append(p[1])
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        kept = [0] * len(ids)
+        if keeps:
+            spans = iter(self.tokenizer(keeps, add_special_tokens=False)["input_ids"])
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    span = next(spans)
+                    ids[i], kept[i] = list(ids[i]) + list(span), len(span)
+        return ids, kept
+
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[int]]:
+        """Token ids of each prompt and how many of its last tokens are its kept span (0 for a string).
+
+        The one place prompts become ids: training, evaluation, generate, classify and merge all read prompts
+        through it, so a model serves prompts tokenized exactly as it was trained on. A string is all merged;
+        a pair (text to merge, text to keep) keeps its second text in tokens (see `_tokenize`). Empty prompts
+        are refused and long ones checked (`model.long_prompt_policy`; truncate_left cuts from the left, so
+        the kept span survives unless it is longer than the limit itself)."""
+        ids, kept = self._tokenize(prompts)
         out = []
         for i, row in enumerate(ids):
             if not row:
@@ -358,19 +414,34 @@ class KTMModel(nn.Module):
                         "shorten it, or set model.long_prompt_policy=truncate_left (counted in the metrics)",
                     )
                 row = row[-self.max_prompt_tokens:]
+                kept[i] = min(kept[i], len(row))
                 self.truncated_prompts += 1
             out.append(row)
-        return out
+        return out, kept
 
-    def check_prompt_lengths(self, prompts: Sequence[str], what: str = "prompts") -> None:
+    def tokenize_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of string prompts (all merged). Pairs need their kept counts too: use encode_prompts."""
+        if any(not isinstance(p, str) for p in prompts):
+            raise KTMError("tokenize_prompts takes string prompts only", "use encode_prompts, which also returns each pair's kept count")
+        return self.encode_prompts(prompts)[0]
+
+    def example_prompts(self, prompts: Sequence[str], keeps: Sequence[str] | None = None) -> list[Prompt]:
+        """Benchmark examples' prompts as this model reads them: with keep_marked, each one whose example
+        marks a kept suffix (Example.keep) becomes the pair (the rest, that suffix); otherwise the prompts
+        as they are (the paper: everything merged)."""
+        if not self.keep_marked or keeps is None:
+            return list(prompts)
+        return [split_marked(p, keep) for p, keep in zip(prompts, keeps, strict=True)]
+
+    def check_prompt_lengths(self, prompts: Sequence[Prompt], what: str = "prompts") -> None:
         """Fail before any training when prompts exceed max_prompt_tokens under policy "error", naming how
         many and the longest, instead of stopping on the first such batch mid-run."""
         if self.long_prompt_policy != "error" or not prompts:
             return
         # Only prompts that could be too long get tokenized (text_size bounds the token count; margin for
         # BOS and special tokens), so a run over 100k long tree prompts does not spend minutes here.
-        suspects = [p for p in prompts if text_size(p) + 8 > self.max_prompt_tokens]
-        lengths = [len(row) for row in self.tokenizer(suspects, add_special_tokens=True)["input_ids"]] if suspects else []
+        suspects = [p for p in prompts if text_size(p if isinstance(p, str) else "".join(p)) + 8 > self.max_prompt_tokens]
+        lengths = [len(row) for row in self._tokenize(suspects)[0]] if suspects else []
         over = [n for n in lengths if n > self.max_prompt_tokens]
         if over:
             raise KTMError(
@@ -395,21 +466,23 @@ class KTMModel(nn.Module):
             raise KTMError(f"this model has no encoder for K={k} (it has K in {self.ks})", f"use one of K={self.ks} or train with K={k}")
         return self.encoders[str(k)]
 
-    def _blocks(self, prompt_ids: Sequence[Sequence[int]], k: int):
+    def _blocks(self, prompt_ids: Sequence[Sequence[int]], k: int, kept: Sequence[int] | None = None):
         """Token embeddings (B, n_max, d), each prompt's (head, blocks, tail) layout, and all K-blocks of
-        the batch stacked (sum m_i, K, d), so the encoder runs once per batch."""
+        the batch stacked (sum m_i, K, d), so the encoder runs once per batch. `kept[i]`: the last tokens of
+        prompt i that are its kept span (they join the tail; None = none)."""
         lengths = [len(p) for p in prompt_ids]
         padded = torch.full((len(prompt_ids), max(lengths)), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompt_ids):
             padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         emb = self.embed(padded.to(self.embed.weight.device))  # one lookup for the whole batch
-        layouts = [block_layout(n, k, self.keep_tail) for n in lengths]
+        kept = _check_kept(kept, lengths)
+        layouts = [block_layout(n, k, self.keep_tail, kept[i] if kept else 0) for i, n in enumerate(lengths)]
         bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
         blocks = bodies[0] if len(bodies) == 1 else torch.cat(bodies)  # one prompt: a view, no copy
         return emb, layouts, blocks
 
     @torch.no_grad()
-    def correction_ratio(self, prompt_ids: Sequence[Sequence[int]], k: int) -> float:
+    def correction_ratio(self, prompt_ids: Sequence[Sequence[int]], k: int, kept: Sequence[int] | None = None) -> float:
         """How far the K merge encoder has moved from the plain mean on these prompts: mean norm of its
         learned correction over mean norm of the block means (0 at init, 0 for K=1).
 
@@ -418,23 +491,25 @@ class KTMModel(nn.Module):
         """
         if k == 1:
             return 0.0
-        _, _, blocks = self._blocks(prompt_ids, k)
+        _, _, blocks = self._blocks(prompt_ids, k, kept)
         mean, correction = self._encoder(k).parts(blocks)
         return float(correction.norm(dim=-1).mean() / mean.norm(dim=-1).mean().clamp(min=1e-12))
 
     def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None,
-                    unscored: Sequence[int] | None = None) -> Batch:
+                    unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None) -> Batch:
         """The merged, left-padded batch. `unscored[i]` leading target tokens of example i are read but not
-        scored (a cue such as the reading stage's "Repeat the text above:")."""
+        scored (a cue such as the reading stage's "Repeat the text above:"). `kept[i]` last prompt tokens of
+        example i are its kept span (encode_prompts): they stay tokens, with every compressor (None = none)."""
         device = self.embed.weight.device
         lengths = [len(p) for p in prompt_ids]
+        kept = _check_kept(kept, lengths)
         if self.compressor.name == "merge":
             encoder = self._encoder(k)
-            emb, layouts, blocks = self._blocks(prompt_ids, k)
+            emb, layouts, blocks = self._blocks(prompt_ids, k, kept)
             merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
             prompts = [(emb[i, :h], merged[i], emb[i, n - t : n]) for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts))]
         else:  # a baseline (ktm.compressors): one (L_i, d) piece per prompt, padded and masked as below
-            prompts = [(e,) for e in self.compressor.embeddings(self, prompt_ids, k)]
+            prompts = [(e,) for e in self.compressor.embeddings(self, prompt_ids, k, kept)]
         p_lens = [sum(piece.shape[0] for piece in pieces) for pieces in prompts]
         target_emb = None
         if target_ids is not None:
@@ -511,10 +586,10 @@ class KTMModel(nn.Module):
 
     @torch.no_grad()
     def teacher_logits(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-                       unscored: Sequence[int] | None = None) -> torch.Tensor:
+                       unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None) -> torch.Tensor:
         """The frozen base reading the uncompressed prompt (adapters disabled: no second model in memory),
         at the same target positions as a merged batch of the same examples: a distillation teacher."""
-        batch = self.build_batch(prompt_ids, 1, target_ids, unscored)
+        batch = self.build_batch(prompt_ids, 1, target_ids, unscored, kept)
         with self.bare_base():
             return self.target_logits(batch)
 
@@ -526,10 +601,12 @@ class KTMModel(nn.Module):
         return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else nullcontext()
 
     @torch.no_grad()
-    def classify(self, prompts: Sequence[str], labels: Sequence[str], k: int) -> torch.Tensor:
-        """Index of the most likely label per prompt (one prefill, only the last position's logits)."""
+    def classify(self, prompts: Sequence[Prompt], labels: Sequence[str], k: int) -> torch.Tensor:
+        """Index of the most likely label per prompt (one prefill, only the last position's logits). A prompt
+        is a string or a (text to merge, text to keep) pair (encode_prompts)."""
         label_ids = self.label_token_ids(labels)
-        batch = self.build_batch(self.tokenize_prompts(prompts), k)
+        ids, kept = self.encode_prompts(prompts)
+        batch = self.build_batch(ids, k, kept=kept)
         logits = self.forward(batch, logits_to_keep=1, use_cache=False).logits[:, -1]
         return logits[:, label_ids].argmax(-1)
 
@@ -561,22 +638,25 @@ class KTMModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         k: int | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[str]:
-        ids = self.generate_ids(self.tokenize_prompts(prompts), k, max_new_tokens, temperature, top_p, seed)
+        """Answer each prompt: a string (all merged) or a (text to merge, text to keep) pair (encode_prompts)."""
+        ids, kept = self.encode_prompts(prompts)
+        ids = self.generate_ids(ids, k, max_new_tokens, temperature, top_p, seed, kept=kept)
         return [self.tokenizer.decode([t for t in row if t != self.eos_id], skip_special_tokens=True) for row in ids]
 
     @torch.no_grad()
-    def generate_ids(self, prompt_ids, k=None, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None) -> list[list[int]]:
-        """Prefill once on the merged prompt, then decode token by token reusing the KV cache."""
+    def generate_ids(self, prompt_ids, k=None, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, kept=None) -> list[list[int]]:
+        """Prefill once on the merged prompt, then decode token by token reusing the KV cache. `kept[i]`: the
+        last prompt tokens of row i that stay tokens (build_batch)."""
         k = self.ks[-1] if k is None else check_k(k)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        batch = self.build_batch(prompt_ids, k)
+        batch = self.build_batch(prompt_ids, k, kept=kept)
         out = self.prefill(batch)
         mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
@@ -596,15 +676,16 @@ class KTMModel(nn.Module):
         return result
 
     @torch.no_grad()
-    def merge(self, prompts: Sequence[str], k: int | None = None) -> dict:
+    def merge(self, prompts: Sequence[Prompt], k: int | None = None) -> dict:
         """Merged prompt embeddings for a serving engine that takes prompt embeddings (e.g. vLLM with
         `enable_prompt_embeds`): one (L_i, d) tensor per prompt (no padding), plus the LoRA adapter the
-        engine must load with them."""
+        engine must load with them. A prompt is a string or a (text to merge, text to keep) pair."""
         k = self.ks[-1] if k is None else check_k(k)
-        batch = self.build_batch(self.tokenize_prompts(prompts), k)
+        ids, kept = self.encode_prompts(prompts)
+        batch = self.build_batch(ids, k, kept=kept)
         embeds = [batch.inputs_embeds[i, batch.attention_mask[i].bool()].cpu() for i in range(len(prompts))]
         return {"k": k, "prompt_embeds": embeds, "prompt_tokens": batch.prompt_tokens.tolist(),
-                "merged_tokens": batch.merged_tokens.tolist(), "adapter": getattr(self, "adapter_path", None)}
+                "merged_tokens": batch.merged_tokens.tolist(), "kept_tokens": kept, "adapter": getattr(self, "adapter_path", None)}
 
     lora_merged = False  # True on the copies merged_for_serving makes
 
@@ -643,6 +724,7 @@ class KTMModel(nn.Module):
             "max_prompt_tokens": self.max_prompt_tokens,
             "long_prompt_policy": self.long_prompt_policy,
             "compressor": self.compressor.name,
+            "keep_marked": self.keep_marked,
         }
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -707,7 +789,8 @@ class KTMModel(nn.Module):
         self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
                    encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta.get("encoder_bound"), base_name=meta["base"], base_fingerprint=fp,
                    max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"),
-                   compressor=meta.get("compressor", "merge"))  # exports from before the key: the merge
+                   compressor=meta.get("compressor", "merge"),  # exports from before the key: the merge
+                   keep_marked=meta.get("keep_marked", False))  # ... and the whole prompt merged
         if lora is not None:
             from peft import PeftModel
 
@@ -788,6 +871,19 @@ class KTMModel(nn.Module):
         return {"texts": len(prompts), "skipped": skipped, "tokens": tokens, "prefix_tokens": prefix_tokens,
                 "continuation_tokens": continuation_tokens, "compressor": kept.name, "ppl_uncompressed": ppl["uncompressed"],
                 "per_k": rows, "nll_per_text": nll}
+
+
+def _check_kept(kept: Sequence[int] | None, lengths: Sequence[int]) -> list[int] | None:
+    """Per-example kept counts as a list, or None when there are none (all zero: exactly the unmarked path)."""
+    if kept is None:
+        return None
+    kept = [int(c) for c in kept]
+    if len(kept) != len(lengths):
+        raise KTMError(f"{len(kept)} kept counts for {len(lengths)} prompts", "give one kept count per prompt (encode_prompts)")
+    for i, (c, n) in enumerate(zip(kept, lengths)):
+        if not 0 <= c <= n:
+            raise KTMError(f"prompt #{i} has {n} tokens, so it cannot keep {c} of them", "use the kept counts encode_prompts returns")
+    return kept if any(kept) else None
 
 
 def _drift_ks(model: KTMModel, ks: Sequence[int] | None) -> list[int]:

@@ -237,3 +237,17 @@ def test_lora_learning_rate_per_k_applies_from_the_first_step_of_each_k(tmp_path
         KTMModule(base="config:tiny-llama", ks=[1, 2], lr_lora={1: 1e-3})
     with pytest.raises(KTMError, match=r"model.lr_lora\[2\] must be a number >= 0"):
         KTMModule(base="config:tiny-llama", ks=[1, 2], lr_lora={1: 1e-3, 2: -1.0})
+
+
+def test_a_mixed_k_entry_watches_every_k_encoder(tmp_path):
+    """With [2, 4] K=4 trains on odd steps only: a watch at step % N == 0 alone never saw its encoder."""
+    root = str(tmp_path / "runs")
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "mix", "--trainer.max_steps=8", *TINY,
+                 "--trainer.log_every_n_steps=4", "--model.ks=[2,4]", "--data.k_schedule=[[2,4]]",
+                 "--model.lr_lora=1.0e-4", "--model.lr_encoder=1.0e-4"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "tree_k4" / "mix"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/k2/encoder_correction_ratio", "train/k4/encoder_correction_ratio"} <= tags

@@ -11,6 +11,9 @@ Prompt format (`format_prompt`, the paper's layout; the target is the new file, 
     New Content:
 
 Each heading is on its own line; a newline is added after the old file only when it lacks one.
+The instructions and the "New Content:" cue end the prompt: they are its kept span (`kept_suffix`,
+Example.keep; in tokens with model.keep_marked), from the newline before "Instructions:", where the
+tokenizer splits anyway. The first line is the same in every prompt and comes first, so it is merged.
 
 Sources (option `source`):
 - "hub": `data/<language>/data.jsonl` of `bigcode/commitpackft`, read with the generic `json` builder
@@ -93,6 +96,12 @@ def format_prompt(old_contents: str, subject: str) -> str:
     return f"{INSTRUCTION}\nOld Content:\n{old}Instructions:\n{subject.strip()}\nNew Content:\n"
 
 
+def kept_suffix(subject: str) -> str:
+    """The end of format_prompt's prompt that stays in tokens with model.keep_marked: the instructions and
+    the cue, from the newline before them (the old file's last, or that of "Old Content:")."""
+    return f"\nInstructions:\n{subject.strip()}\nNew Content:\n"
+
+
 def truncate_text(text: str, max_chars: int, side: str = "right") -> str:
     """Cut `text` to at most `max_chars` (as counted by text_size), at a line boundary when one exists
     inside the kept part.
@@ -140,7 +149,7 @@ class CommitPackBenchmark(Benchmark):
     name = "commitpack"
     task = "perplexity"
     labels = ()
-    version = "2"  # 2: size caps count UTF-8 bytes
+    version = "3"  # 2: size caps count UTF-8 bytes; 3: examples mark the instructions as their kept span (Example.keep)
 
     def __init__(
         self,
@@ -389,7 +398,8 @@ class _Filter:
                 self.truncated += 1
             meta = {k: row[k] for k in ("repo", "commit", "path", "license") if row.get(k) is not None}
             meta["old_truncated"] = truncated
-            out.append(Example(prompt=format_prompt(old, row["subject"]), target=new, label=None, group=group, meta=meta))
+            out.append(Example(prompt=format_prompt(old, row["subject"]), target=new, label=None, group=group, meta=meta,
+                               keep=kept_suffix(row["subject"])))
         return out
 
 

@@ -34,6 +34,9 @@ class Example:
     is only on it).  label: the class name for classification tasks (equals target there), None for
     perplexity tasks.  group: the unit of splitting (tree id, product id, repo/file) so no group is in
     both train and test.  meta: anything the benchmark wants to keep (stage, source, ids).
+    keep: the end of `prompt` that must not be merged (the tree's question, commitpack's instructions), ""
+    for none. The prompt stays whole; with `model.keep_marked` the model reads it as the pair
+    (prompt without keep, keep) and keeps that span in tokens (KTMModel.example_prompts).
     """
 
     prompt: str
@@ -41,13 +44,18 @@ class Example:
     label: str | None = None
     group: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    keep: str = ""
+
+    def __post_init__(self) -> None:
+        if self.keep and not self.prompt.endswith(self.keep):
+            raise ValueError(f"Example.keep {self.keep[:40]!r} is not the end of its prompt")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Example":
-        return cls(**{k: d[k] for k in ("prompt", "target", "label", "group", "meta") if k in d})
+        return cls(**{k: d[k] for k in ("prompt", "target", "label", "group", "meta", "keep") if k in d})
 
 
 @dataclass
@@ -84,7 +92,8 @@ class Benchmark:
     task: "classification" (scored by accuracy over `labels`) or "perplexity" (scored on target tokens).
     labels: the class names, in a fixed order (classification only); each is the exact target text.
     stages: data stages of the curriculum, easiest first (one stage "all" when there is no curriculum).
-    version: bump when the produced data changes, so old caches are rebuilt, never reused.
+    version: bump when the produced data changes, so old caches are rebuilt, never reused (also when its
+      examples start marking a kept span, Example.keep: a cache from before would silently mark none).
     """
 
     name: ClassVar[str] = ""

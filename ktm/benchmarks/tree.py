@@ -62,7 +62,11 @@ DEPTH_DEFINITION = "levels including the root (depth 1 = root only, depth 2 = ro
 # Every distinct two-letter lowercase name, in a fixed order so sampling from it is reproducible.
 NAMES: tuple[str, ...] = tuple(a + b for a in string.ascii_lowercase for b in string.ascii_lowercase)
 
-PROMPT = "Tree: {tree}, Task: Parent/Child Relationship, Parent: {parent}, Child: {child}, Answer: "
+# The question is the prompt's kept span (Example.keep; in tokens with model.keep_marked). It starts at the
+# space before "Parent", where byte-level BPE tokenizers split the text anyway, so the pair (the rest, the
+# question) tokenizes exactly as the whole prompt does (checked on SmolLM2's tokenizer).
+QUESTION = " Parent: {parent}, Child: {child}, Answer: "
+PROMPT = "Tree: {tree}, Task: Parent/Child Relationship," + QUESTION
 
 DEFAULT_N_TREES = 4000  # the paper's size for "small"; generation of every stage stays in seconds
 # x3large trees average ~85 nodes (~7,100 ordered pairs, up to 22,350 at 150 nodes); 4000 of them
@@ -158,7 +162,7 @@ class TreeBenchmark(Benchmark):
     task = "classification"
     labels = ("true", "false")
     stages = tuple(TREE_STAGES)
-    version = "1"
+    version = "2"  # 2: examples mark the question as their kept span (Example.keep)
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class TreeBenchmark(Benchmark):
                 examples.append(
                     Example(
                         prompt=PROMPT.format(tree=text, parent=p, child=c),
+                        keep=QUESTION.format(parent=p, child=c),
                         target=label,
                         label=label,
                         group=tree_id,

@@ -52,7 +52,8 @@ class ExampleDataset(Dataset):
 
 def collate(examples: list[Example]) -> dict[str, Any]:
     return {"prompts": [e.prompt for e in examples], "targets": [e.target for e in examples],
-            "labels": [e.label for e in examples], "cues": [e.meta.get("cue", "") for e in examples]}
+            "labels": [e.label for e in examples], "cues": [e.meta.get("cue", "") for e in examples],
+            "keeps": [e.keep for e in examples]}
 
 
 def derived_seed(*parts: Any) -> int:

@@ -32,6 +32,7 @@ class KTMModule(L.LightningModule):
         base: str = "smollm2-135m",
         ks: list[int] = [4],  # noqa: B006  (jsonargparse needs a plain default)
         keep_tail: int = 0,
+        keep_marked: bool = False,
         lora: LoraSettings = LoraSettings(),  # noqa: B008
         lr_lora: float | dict[int, float] = 1e-4,
         lr_encoder: float | dict[int, float] = 1e-4,
@@ -57,6 +58,9 @@ class KTMModule(L.LightningModule):
                 or `config:<shape>` (random weights; tests and speed benchmarks).
             ks: K values this model gets a merge encoder for (K=1 = uncompressed, no encoder).
             keep_tail: last N prompt tokens left unmerged (0 = the paper: merge everything).
+            keep_marked: the span each example marks at the end of its prompt (Example.keep: the tree's question,
+                commitpack's instructions) stays in tokens, besides the keep_tail tokens before it (False = the
+                paper: the whole prompt merged). Compression L counts the span as uncompressed.
             lora: LoRA settings (r=0 disables LoRA).
             lr_lora: AdamW learning rate of the LoRA adapters: one number, or one per K of the training step,
                 e.g. {1: 1.0e-3, 2: 1.0e-4, 4: 1.0e-4}: the LoRA learns the task fast at K=1 and then moves
@@ -103,7 +107,7 @@ class KTMModule(L.LightningModule):
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
-            compressor=compressor,
+            compressor=compressor, keep_marked=keep_marked,
             max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
         if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
             missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
@@ -158,23 +162,26 @@ class KTMModule(L.LightningModule):
         for data_stage in dm.stages:
             for split in splits:
                 examples = getattr(dm.splits(data_stage), split)
-                self.model.check_prompt_lengths([e.prompt for e in examples], f"{split} prompts of data stage {data_stage!r}")
+                prompts = self.model.example_prompts([e.prompt for e in examples], [e.keep for e in examples])
+                self.model.check_prompt_lengths(prompts, f"{split} prompts of data stage {data_stage!r}")
 
     def current_k(self) -> int:
         return self.trainer.datamodule.current_k(default=self.model.ks[-1])
 
-    def _token_ids(self, batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]], list[int]]:
-        """(prompt ids, target ids with any cue in front, how many leading target ids are the cue)."""
-        prompt_ids = self.model.tokenize_prompts(batch["prompts"])
+    def _token_ids(self, batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+        """(prompt ids, target ids with any cue in front, how many leading target ids are the cue, how many
+        trailing prompt ids are the example's kept span: 0 unless model.keep_marked)."""
+        prompts = self.model.example_prompts(batch["prompts"], batch.get("keeps"))
+        prompt_ids, kept = self.model.encode_prompts(prompts)
         target_ids = self.model.tokenize_targets(batch["targets"])
         cues = batch.get("cues") or [""] * len(target_ids)
         cue_ids = [self.model.tokenize_targets([c], add_eos=False)[0] if c else [] for c in cues]
-        return prompt_ids, [c + t for c, t in zip(cue_ids, target_ids)], [len(c) for c in cue_ids]
+        return prompt_ids, [c + t for c, t in zip(cue_ids, target_ids)], [len(c) for c in cue_ids], kept
 
     def _batch(self, batch: dict[str, Any], k: int):
         """(prompt token ids, the merged Batch with the targets)."""
-        prompt_ids, target_ids, unscored = self._token_ids(batch)
-        return prompt_ids, self.model.build_batch(prompt_ids, k, target_ids, unscored)
+        prompt_ids, target_ids, unscored, kept = self._token_ids(batch)
+        return prompt_ids, self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
 
     # -- steps -----------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -199,32 +206,35 @@ class KTMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
-        prompt_ids, target_ids, unscored = self._token_ids(batch)
-        b = self.model.build_batch(prompt_ids, k, target_ids, unscored)
+        prompt_ids, target_ids, unscored, kept = self._token_ids(batch)
+        b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
         pred = self.model.target_logits(b)
         nll, counts, _ = self.model.target_nll(b, pred)
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
         if self.hparams.distill_weight > 0 and k > 1:
-            kl = distill_kl(pred, self.model.teacher_logits(prompt_ids, target_ids, unscored), b.targets)
+            kl = distill_kl(pred, self.model.teacher_logits(prompt_ids, target_ids, unscored, kept), b.targets)
             self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
             self.log(f"train/k{k}/target_loss", loss, batch_size=bs)
             loss = loss + self.hparams.distill_weight * kl
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
-        if k > 1 and self.model.compressor.uses_encoder and step % max(self.trainer.log_every_n_steps, 1) == 0:
-            self._watch_encoder(prompt_ids, k, bs)
+        # The first steps of each logging window, one per K of a mixed entry: at step % N == 0 alone, [2, 4]
+        # would only ever watch K=2's encoder (K=4 trains on odd steps).
+        mixed = len(self.trainer.datamodule.current_ks(self.model.ks[-1]))
+        if k > 1 and self.model.compressor.uses_encoder and step % max(self.trainer.log_every_n_steps, 1) < mixed:
+            self._watch_encoder(prompt_ids, k, bs, kept)
         self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
 
-    def _watch_encoder(self, prompt_ids: list[list[int]], k: int, bs: int) -> None:
+    def _watch_encoder(self, prompt_ids: list[list[int]], k: int, bs: int, kept: list[int] | None = None) -> None:
         """Log how far the K encoder has moved from the plain mean; warn once if it is diverging.
 
         At lr 1e-3 the paper-sized K=4 encoder's correction grew to ~200x the block mean within a few
         hundred steps on tree and K=4 stayed at chance; at 1e-4 it stayed below 1 and K=4 learned.
         """
-        ratio = self.model.correction_ratio(prompt_ids, k)
+        ratio = self.model.correction_ratio(prompt_ids, k, kept)
         self.log(f"train/k{k}/encoder_correction_ratio", ratio, batch_size=bs)
         if ratio > DIVERGING_ENCODER and k not in self._warned_ks:
             self._warned_ks.add(k)
@@ -236,14 +246,14 @@ class KTMModule(L.LightningModule):
         labels = None
         if self.task == "classification":
             labels = torch.tensor([self.labels.index(y) for y in batch["labels"]], device=self.device)
-        prompt_ids, target_ids, unscored = self._token_ids(batch)  # once for every K (and the bare base)
+        prompt_ids, target_ids, unscored, kept = self._token_ids(batch)  # once for every K (and the bare base)
         for k in self.eval_ks:
-            b = self.model.build_batch(prompt_ids, k, target_ids, unscored)
+            b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
             nll, counts, answer_logits = self.model.target_nll(b)
             preds = answer_logits[:, self._label_ids].argmax(-1) if labels is not None else None
             self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels)
         if "base" in self.metrics[split]:  # the bare base on the uncompressed prompt: what merging is measured against
-            b = self.model.build_batch(prompt_ids, 1, target_ids, unscored)
+            b = self.model.build_batch(prompt_ids, 1, target_ids, unscored, kept)
             with self.model.bare_base():
                 nll, counts, _ = self.model.target_nll(b)
             self.metrics[split]["base"].update(nll, counts, b.prompt_tokens, b.merged_tokens, None, None)
@@ -343,10 +353,11 @@ class KTMModule(L.LightningModule):
 # What a checkpoint must share with the run that loads it: the settings that shape the trained weights, and
 # the base weights themselves. Compared where the checkpoint records them: the CLI compares the config with the
 # checkpoint's hyper_parameters before loading it (they hold no fingerprint), on_load_checkpoint the model
-# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in _UNRECORDED.
-CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "encoder_multiplier", "encoder_bound",
+# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in _UNRECORDED
+# (a run's side without the key, e.g. a config from before it, counts the same).
+CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "keep_marked", "encoder_multiplier", "encoder_bound",
                    "compressor", "lora")
-_UNRECORDED = {"encoder_bound": None, "compressor": "merge"}
+_UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False}
 
 
 def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
@@ -355,7 +366,7 @@ def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tu
     for key in CKPT_MUST_MATCH:
         if key not in saved and key not in _UNRECORDED:
             continue
-        theirs, ours = _comparable(key, saved.get(key, _UNRECORDED.get(key))), _comparable(key, mine.get(key))
+        theirs, ours = _comparable(key, saved.get(key, _UNRECORDED.get(key))), _comparable(key, mine.get(key, _UNRECORDED.get(key)))
         if theirs != ours and not (key == "lora" and _same_lora_layers(mine.get("base") or saved.get("base"), theirs, ours)):
             return key, theirs, ours
     return None
@@ -419,7 +430,8 @@ def generation_scores(model: KTMModel, examples, k: int, max_new_tokens: int, ba
     exact, similarity = 0, 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        outputs = model.generate([e.prompt for e in chunk], k=k, max_new_tokens=max_new_tokens)
+        prompts = model.example_prompts([e.prompt for e in chunk], [e.keep for e in chunk])  # as trained and scored
+        outputs = model.generate(prompts, k=k, max_new_tokens=max_new_tokens)
         for e, out in zip(chunk, outputs):
             exact += int(out.strip() == e.target.strip())
             similarity += line_similarity(out, e.target)
