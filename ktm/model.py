@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -53,6 +54,8 @@ DEFAULT_LORA_TARGETS = (ALL_LINEAR, LM_HEAD)
 # What the default resolves to on a Llama-shaped base (the embedded SmolLM2), and what the default *was* before
 # it became base-independent: checkpoints made with either spelling adapt the same modules.
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# Who teaches a merged student at K > 1 (model.distill_teacher): the frozen base, or the model itself at K=1.
+DISTILL_TEACHERS = ("base", "k1")
 
 
 @dataclass
@@ -580,24 +583,41 @@ class KTMModel(nn.Module):
 
     def target_logits(self, batch: Batch) -> torch.Tensor:
         """(B, T, V) float logits predicting each target position (only those go through the LM head)."""
+        return self.target_outputs(batch)[0]
+
+    def target_outputs(self, batch: Batch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """target_logits, plus (hidden=True) every layer's hidden state at the same positions, (layers, B, T, d):
+        the residual stream where the model decides each target token (the embeddings layer left out)."""
         assert batch.targets is not None
         T = batch.targets.shape[1]
-        return self.forward(batch, logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()
+        out = self.forward(batch, logits_to_keep=T + 1, use_cache=False, output_hidden_states=hidden)
+        states = torch.stack([h[:, -(T + 1) : -1] for h in out.hidden_states[1:]]) if hidden else None
+        return out.logits[:, :-1].float(), states
 
     @torch.no_grad()
     def teacher_logits(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
                        unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None) -> torch.Tensor:
         """The frozen base reading the uncompressed prompt (adapters disabled: no second model in memory),
         at the same target positions as a merged batch of the same examples: a distillation teacher."""
+        return self.teacher_outputs(prompt_ids, target_ids, unscored, kept)[0]
+
+    @torch.no_grad()
+    def teacher_outputs(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+                        unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None,
+                        teacher: str = "base", hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """target_outputs of a teacher reading the *uncompressed* prompt, at the same target positions as a
+        merged batch of the same examples. teacher="base": the frozen base (adapters disabled, so no second
+        model in memory); "k1": this model itself at K=1, adapters on (after task training it knows the task,
+        which the bare base does not). Without gradients either way."""
+        if teacher not in DISTILL_TEACHERS:
+            raise KTMError(f"unknown distillation teacher {teacher!r}", f"use one of: {', '.join(DISTILL_TEACHERS)}")
         batch = self.build_batch(prompt_ids, 1, target_ids, unscored, kept)
-        with self.bare_base():
-            return self.target_logits(batch)
+        with self.bare_base() if teacher == "base" else nullcontext():
+            return self.target_outputs(batch, hidden)
 
     def bare_base(self):
         """Context in which self.lm is the frozen base alone: peft's disable_adapter(), or nothing to do
         when there is no LoRA (or it was merged away)."""
-        from contextlib import nullcontext
-
         return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else nullcontext()
 
     @torch.no_grad()

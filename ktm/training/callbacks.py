@@ -267,7 +267,11 @@ class TensorBoardViews:
         if any(k > 1 for k in model.ks) and getattr(model.compressor, "uses_encoder", False):
             train.append("encoder_correction_ratio")
         if pl_module.hparams.get("distill_weight"):
-            train += ["distill_kl", "target_loss"]
+            train += ["distill_kl"]
+        if pl_module.hparams.get("distill_hidden_weight"):
+            train += ["distill_hidden"]
+        if pl_module.hparams.get("distill_weight") or pl_module.hparams.get("distill_hidden_weight"):
+            train += ["target_loss"]
         self._add_once(trainer, CONFIG_SUMMARY_TAG, lambda: _layout_summary(k_layout(val, test, train, list(Throughput.NAMES))))
 
     def per_k(self, trainer: L.Trainer, split: str, per_k: dict[int, dict[str, float]], step: int) -> None:

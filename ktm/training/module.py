@@ -20,7 +20,7 @@ from torch import nn
 
 from ktm.errors import KTMError
 from ktm.metrics import KMetrics, add_perplexity_f1
-from ktm.model import KTMModel, LoraSettings, same_lora_targets
+from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
@@ -48,6 +48,8 @@ class KTMModule(L.LightningModule):
         generate_eval_examples: int = 0,
         generate_max_new_tokens: int = 512,
         distill_weight: float = 0.0,
+        distill_teacher: str = "base",
+        distill_hidden_weight: float = 0.0,
         eval_base: bool = False,
         init_from: str | None = None,
         reset_optimizer_on_k_change: bool = False,
@@ -84,6 +86,13 @@ class KTMModule(L.LightningModule):
             generate_max_new_tokens: cap on generated tokens per example for that check.
             distill_weight: at K > 1 training steps, add this times the KL from the frozen base reading the
                 uncompressed prompt (adapters disabled) to the merged model, on every target token (0 = off).
+            distill_teacher: who reads the uncompressed prompt for distillation: "base" (the frozen base, adapters
+                disabled: a reading stage's teacher) or "k1" (this model itself at K=1 with its adapters, no
+                gradient: a task teacher once K=1 knows the task, which the bare base does not).
+            distill_hidden_weight: at K > 1 steps, add this times the hidden-state match to the teacher at every
+                scored position (the answer position first), averaged over layers: |h - h_teacher|^2 /
+                |h_teacher|^2. A label gives one bit per example; this says where in every layer the
+                uncompressed model's decision lies (0 = off).
             eval_base: perplexity tasks: also score the bare base (no adapters, K=1) at val/test, so each K
                 reads against the uncompressed base (`perplexity_base`, `perplexity_vs_base`).
             reset_optimizer_on_k_change: clear AdamW's moments when the K schedule moves to a new entry. After
@@ -96,12 +105,15 @@ class KTMModule(L.LightningModule):
         self.save_hyperparameters()
         encoder_lrs = _per_k(lr_encoder, "lr_encoder") if isinstance(lr_encoder, dict) else {}
         self._lora_lrs = _per_k(lr_lora, "lr_lora") if isinstance(lr_lora, dict) else {}
-        checks = [("weight_decay", weight_decay), ("distill_weight", distill_weight)]
+        checks = [("weight_decay", weight_decay), ("distill_weight", distill_weight), ("distill_hidden_weight", distill_hidden_weight)]
         checks += [(f"lr_lora[{k}]", v) for k, v in self._lora_lrs.items()] if self._lora_lrs else [("lr_lora", lr_lora)]
         checks += [(f"lr_encoder[{k}]", v) for k, v in encoder_lrs.items()] if encoder_lrs else [("lr_encoder", lr_encoder)]
         for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise KTMError(f"model.{name} must be a number >= 0, got {value!r}", f"set model.{name} to e.g. 1e-4")
+        if distill_teacher not in DISTILL_TEACHERS:
+            raise KTMError(f"model.distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got {distill_teacher!r}",
+                           "use base (the frozen base) or k1 (this model at K=1)")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
@@ -208,15 +220,24 @@ class KTMModule(L.LightningModule):
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
         prompt_ids, target_ids, unscored, kept = self._token_ids(batch)
         b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
-        pred = self.model.target_logits(b)
+        hp = self.hparams
+        distill = k > 1 and (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0)
+        hidden = distill and hp.get("distill_hidden_weight", 0) > 0
+        pred, states = self.model.target_outputs(b, hidden)
         nll, counts, _ = self.model.target_nll(b, pred)
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
-        if self.hparams.distill_weight > 0 and k > 1:
-            kl = distill_kl(pred, self.model.teacher_logits(prompt_ids, target_ids, unscored, kept), b.targets)
-            self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
+        if distill:
+            teacher, teacher_states = self.model.teacher_outputs(prompt_ids, target_ids, unscored, kept, hp.get("distill_teacher", "base"), hidden)
             self.log(f"train/k{k}/target_loss", loss, batch_size=bs)
-            loss = loss + self.hparams.distill_weight * kl
+            if hp.distill_weight > 0:
+                kl = distill_kl(pred, teacher, b.targets)
+                self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
+                loss = loss + hp.distill_weight * kl
+            if hidden:
+                gap = hidden_gap(states, teacher_states, b.targets)
+                self.log(f"train/k{k}/distill_hidden", gap, batch_size=bs)
+                loss = loss + hp.distill_hidden_weight * gap
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
@@ -398,6 +419,16 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tens
     t = torch.log_softmax(teacher[mask], -1)
     s = torch.log_softmax(student[mask], -1)
     return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
+
+
+def hidden_gap(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and scored target positions of |h_s - h_t|^2 / |h_t|^2, states (layers, B, T, d).
+    Relative, so a layer whose residual stream is large does not outweigh the others."""
+    mask = targets != -100
+    s, t = student[:, mask].float(), teacher[:, mask].float()
+    if not mask.any():
+        return student.sum() * 0
+    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -1,0 +1,96 @@
+"""Task-time distillation from the model itself at K=1 (model.distill_teacher: k1) and the hidden-state match
+(model.distill_hidden_weight). Tiny config-built models, plus one tiny fit through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ktm.cli import main
+from ktm.errors import KTMError
+from ktm.model import LoraSettings
+from ktm.training.module import KTMModule, hidden_gap
+
+PROMPTS, TARGETS = ["Tree: ab\n+cd, Answer: ", "x y z w v u"], ["true", "some longer target"]
+
+
+def _module(**kw):
+    torch.manual_seed(0)
+    m = KTMModule(base="config:tiny-llama", ks=[1, 4], lora=LoraSettings(r=4, dropout=0.0), **kw)
+    for name, p in m.model.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output, so the teachers differ
+    return m
+
+
+def test_the_k1_teacher_is_the_model_itself_reading_the_uncompressed_prompt():
+    m = _module()
+    ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
+    b1 = m.model.build_batch(ids, 1, tids)
+    own_logits, own_states = m.model.target_outputs(b1, hidden=True)
+    logits, states = m.model.teacher_outputs(ids, tids, teacher="k1", hidden=True)
+    assert states.shape == (m.model.lm.config.num_hidden_layers, 2, b1.targets.shape[1], m.model.hidden_size)
+    assert not logits.requires_grad and not states.requires_grad
+    torch.testing.assert_close(logits, own_logits.detach())
+    torch.testing.assert_close(states, own_states.detach())
+    base_logits, _ = m.model.teacher_outputs(ids, tids, teacher="base")
+    mask = b1.targets != -100
+    assert not torch.allclose(base_logits[mask], logits[mask], atol=1e-3)  # the bare base is another teacher
+
+
+def test_hidden_gap_is_zero_for_equal_states_and_counts_only_scored_positions():
+    torch.manual_seed(0)
+    t = torch.randn(3, 2, 4, 8)
+    targets = torch.tensor([[-100, -100, 5, 6], [-100, 1, 2, 3]])
+    assert float(hidden_gap(t, t, targets)) == pytest.approx(0.0, abs=1e-7)
+    s = t.clone()
+    s[:, 0, :2] += 10.0  # unscored positions
+    assert float(hidden_gap(s, t, targets)) == pytest.approx(0.0, abs=1e-7)
+    s[:, 1, 3] = 0.0  # a scored position with nothing: relative gap 1 there
+    assert float(hidden_gap(s, t, targets)) == pytest.approx(1.0 / 5.0, rel=1e-5)  # 1 of 5 scored positions
+
+
+def test_the_hidden_match_trains_the_encoder_and_lora_but_never_the_teacher_pass():
+    m = _module(distill_teacher="k1", distill_hidden_weight=1.0)
+    ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
+    b = m.model.build_batch(ids, 4, tids)
+    _, states = m.model.target_outputs(b, hidden=True)
+    _, teacher = m.model.teacher_outputs(ids, tids, teacher="k1", hidden=True)
+    gap = hidden_gap(states, teacher, b.targets)
+    assert float(gap) > 0
+    gap.backward()
+    encoder = m.model.encoders["4"]
+    assert encoder.mlp[-1].weight.grad is not None and encoder.mlp[-1].weight.grad.abs().sum() > 0
+    lora = [p for n, p in m.model.lm.named_parameters() if "lora_A" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_a_bad_teacher_is_one_clear_line():
+    with pytest.raises(KTMError, match="distill_teacher must be one of base, k1"):
+        _module(distill_teacher="k2")
+    with pytest.raises(KTMError, match="distill_hidden_weight must be a number >= 0"):
+        _module(distill_hidden_weight=-1.0)
+
+
+def test_a_tiny_fit_with_self_distillation_logs_the_hidden_gap(tmp_path, monkeypatch):
+    import ktm.benchmarks.common as common
+
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
+    args = ["fit", "--exp", "tree_k4", "--root", str(tmp_path / "runs"), "--run", "sd", "--model.base=config:tiny-llama",
+            "--model.ks=[1,2]", "--model.lr_lora=1.0e-3", "--data.k_schedule=[1,2]", "--data.benchmark_args={n_trees: 60}",
+            "--data.max_train_examples=16", "--data.max_val_examples=8", "--data.max_test_examples=8", "--data.batch_size=8",
+            "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1", "--model.distill_teacher=k1", "--model.distill_hidden_weight=1.0"]
+    assert main(args) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "tree_k4" / "sd"
+    acc = EventAccumulator(str(run)).Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/k2/distill_hidden" in tags and "train/k2/target_loss" in tags
+    assert "train/k1/distill_hidden" not in tags  # K=1 steps have nothing to distil
+    gaps = [e.value for e in acc.Scalars("train/k2/distill_hidden")]
+    assert all(g > 0 for g in gaps)
+    assert json.loads((run / "metrics.json").read_text())["val"]
