@@ -269,6 +269,14 @@ def block_layout(n: int, k: int, keep_tail: int, kept: int = 0) -> tuple[int, in
     return body % k, body // k, tail
 
 
+def teacher_positions(n: int, k: int, keep_tail: int = 0, kept: int = 0, targets: int = 0) -> list[int]:
+    """For each position of a merged prompt of n tokens (then `targets` target tokens), the position of the
+    uncompressed sequence it is matched with when distilling hidden states: a head or tail token with itself,
+    a block with its last token (where the uncompressed model has read the whole block), a target with itself."""
+    head, blocks, tail = block_layout(n, k, keep_tail, kept)
+    return [*range(head), *(head + (b + 1) * k - 1 for b in range(blocks)), *range(n - tail, n), *range(n, n + targets)]
+
+
 def merged_length(n: int, k: int, keep_tail: int = 0, kept: int = 0) -> int:
     head, blocks, tail = block_layout(n, k, keep_tail, kept)
     return head + blocks + tail
@@ -585,14 +593,36 @@ class KTMModel(nn.Module):
         """(B, T, V) float logits predicting each target position (only those go through the LM head)."""
         return self.target_outputs(batch)[0]
 
-    def target_outputs(self, batch: Batch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """target_logits, plus (hidden=True) every layer's hidden state at the same positions, (layers, B, T, d):
-        the residual stream where the model decides each target token (the embeddings layer left out)."""
+    def target_outputs(self, batch: Batch, hidden: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """target_logits, plus every layer's hidden state (the embeddings layer left out): hidden="targets" at
+        the positions that predict the targets, (layers, B, T, d), where the model decides each target token;
+        "all" at every position, (layers, B, L, d)."""
         assert batch.targets is not None
         T = batch.targets.shape[1]
-        out = self.forward(batch, logits_to_keep=T + 1, use_cache=False, output_hidden_states=hidden)
-        states = torch.stack([h[:, -(T + 1) : -1] for h in out.hidden_states[1:]]) if hidden else None
+        out = self.forward(batch, logits_to_keep=T + 1, use_cache=False, output_hidden_states=hidden is not None)
+        states = None
+        if hidden == "targets":
+            states = torch.stack([h[:, -(T + 1) : -1] for h in out.hidden_states[1:]])
+        elif hidden == "all":
+            states = torch.stack(out.hidden_states[1:])
+        elif hidden is not None:
+            raise ValueError(f"hidden must be None, 'targets' or 'all', got {hidden!r}")
         return out.logits[:, :-1].float(), states
+
+    def aligned_positions(self, prompt_ids: Sequence[Sequence[int]], k: int, target_lengths: Sequence[int],
+                          kept: Sequence[int] | None, merged_len: int, full_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B index, position) pairs of every real position of a merged batch (length merged_len) and of the
+        position of the uncompressed batch of the same examples (length full_len, K=1) it is matched with
+        (teacher_positions); both left-padded as build_batch lays them out. Two (N, 2) long tensors."""
+        kept = _check_kept(kept, [len(p) for p in prompt_ids])
+        student, teacher = [], []
+        for i, (p, tl) in enumerate(zip(prompt_ids, target_lengths)):
+            n = len(p)
+            mine = teacher_positions(n, k, self.keep_tail, kept[i] if kept else 0, tl)
+            s0, t0 = merged_len - len(mine), full_len - (n + tl)
+            student += [(i, s0 + j) for j in range(len(mine))]
+            teacher += [(i, t0 + j) for j in mine]
+        return torch.tensor(student, dtype=torch.long), torch.tensor(teacher, dtype=torch.long)
 
     @torch.no_grad()
     def teacher_logits(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
@@ -604,7 +634,7 @@ class KTMModel(nn.Module):
     @torch.no_grad()
     def teacher_outputs(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
                         unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None,
-                        teacher: str = "base", hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        teacher: str = "base", hidden: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """target_outputs of a teacher reading the *uncompressed* prompt, at the same target positions as a
         merged batch of the same examples. teacher="base": the frozen base (adapters disabled, so no second
         model in memory); "k1": this model itself at K=1, adapters on (after task training it knows the task,

@@ -10,7 +10,7 @@ import torch
 
 from ktm.cli import main
 from ktm.errors import KTMError
-from ktm.model import LoraSettings
+from ktm.model import LoraSettings, teacher_positions
 from ktm.training.module import KTMModule, hidden_gap
 
 PROMPTS, TARGETS = ["Tree: ab\n+cd, Answer: ", "x y z w v u"], ["true", "some longer target"]
@@ -29,8 +29,8 @@ def test_the_k1_teacher_is_the_model_itself_reading_the_uncompressed_prompt():
     m = _module()
     ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
     b1 = m.model.build_batch(ids, 1, tids)
-    own_logits, own_states = m.model.target_outputs(b1, hidden=True)
-    logits, states = m.model.teacher_outputs(ids, tids, teacher="k1", hidden=True)
+    own_logits, own_states = m.model.target_outputs(b1, hidden="targets")
+    logits, states = m.model.teacher_outputs(ids, tids, teacher="k1", hidden="targets")
     assert states.shape == (m.model.lm.config.num_hidden_layers, 2, b1.targets.shape[1], m.model.hidden_size)
     assert not logits.requires_grad and not states.requires_grad
     torch.testing.assert_close(logits, own_logits.detach())
@@ -40,25 +40,53 @@ def test_the_k1_teacher_is_the_model_itself_reading_the_uncompressed_prompt():
     assert not torch.allclose(base_logits[mask], logits[mask], atol=1e-3)  # the bare base is another teacher
 
 
-def test_hidden_gap_is_zero_for_equal_states_and_counts_only_scored_positions():
+def test_hidden_gap_is_zero_for_equal_states_and_relative_per_position():
     torch.manual_seed(0)
-    t = torch.randn(3, 2, 4, 8)
-    targets = torch.tensor([[-100, -100, 5, 6], [-100, 1, 2, 3]])
-    assert float(hidden_gap(t, t, targets)) == pytest.approx(0.0, abs=1e-7)
+    t = torch.randn(3, 5, 8)
+    assert float(hidden_gap(t, t)) == pytest.approx(0.0, abs=1e-7)
     s = t.clone()
-    s[:, 0, :2] += 10.0  # unscored positions
-    assert float(hidden_gap(s, t, targets)) == pytest.approx(0.0, abs=1e-7)
-    s[:, 1, 3] = 0.0  # a scored position with nothing: relative gap 1 there
-    assert float(hidden_gap(s, t, targets)) == pytest.approx(1.0 / 5.0, rel=1e-5)  # 1 of 5 scored positions
+    s[:, 4] = 0.0  # one position of five with nothing: relative gap 1 there, whatever its norm
+    assert float(hidden_gap(s, t)) == pytest.approx(1.0 / 5.0, rel=1e-5)
+    assert float(hidden_gap(t[:, :0], t[:, :0])) == 0.0  # nothing scored
+
+
+@pytest.mark.parametrize("n, k, keep_tail, kept, targets, expected", [
+    (8, 4, 0, 0, 0, [3, 7]),                 # two blocks, each matched with its last token
+    (9, 4, 0, 0, 2, [0, 4, 8, 9, 10]),       # a head token with itself, then blocks, then the targets
+    (10, 4, 1, 2, 1, [0, 1, 2, 6, 7, 8, 9, 10]),  # head 7 % 4 = 3, one block, tail (keep_tail 1 + kept 2)
+    (5, 1, 0, 0, 1, [0, 1, 2, 3, 4, 5]),     # K=1: every position with itself
+    (3, 4, 0, 0, 1, [0, 1, 2, 3]),           # shorter than a block: all head
+])
+def test_teacher_positions_match_each_merged_position_with_where_the_uncompressed_model_read_it(n, k, keep_tail, kept, targets, expected):
+    assert teacher_positions(n, k, keep_tail, kept, targets) == expected
+
+
+def test_aligned_positions_pair_every_real_position_of_both_left_padded_batches():
+    m = _module()
+    ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
+    b4, b1 = m.model.build_batch(ids, 4, tids), m.model.build_batch(ids, 1, tids)
+    mine, theirs = m.model.aligned_positions(ids, 4, [len(t) for t in tids], None, b4.inputs_embeds.shape[1], b1.inputs_embeds.shape[1])
+    assert len(mine) == int(b4.attention_mask.sum())  # every real position of the merged batch, once
+    assert bool(b4.attention_mask[mine[:, 0], mine[:, 1]].all()) and bool(b1.attention_mask[theirs[:, 0], theirs[:, 1]].all())
+    # the targets are the same embeddings in both
+    last = torch.tensor([i == len(mine) - 1 or mine[i + 1, 0] != mine[i, 0] for i in range(len(mine))])
+    torch.testing.assert_close(b4.inputs_embeds[mine[last, 0], mine[last, 1]], b1.inputs_embeds[theirs[last, 0], theirs[last, 1]])
+    # at K=1 the student is the K=1 teacher position by position: the gap is exactly 0
+    _, own = m.model.target_outputs(b1, hidden="all")
+    _, teacher = m.model.teacher_outputs(ids, tids, teacher="k1", hidden="all")
+    same, same_t = m.model.aligned_positions(ids, 1, [len(t) for t in tids], None, b1.inputs_embeds.shape[1], b1.inputs_embeds.shape[1])
+    assert torch.equal(same, same_t)
+    assert float(hidden_gap(own[:, same[:, 0], same[:, 1]], teacher[:, same_t[:, 0], same_t[:, 1]])) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_hidden_match_trains_the_encoder_and_lora_but_never_the_teacher_pass():
     m = _module(distill_teacher="k1", distill_hidden_weight=1.0)
     ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
     b = m.model.build_batch(ids, 4, tids)
-    _, states = m.model.target_outputs(b, hidden=True)
-    _, teacher = m.model.teacher_outputs(ids, tids, teacher="k1", hidden=True)
-    gap = hidden_gap(states, teacher, b.targets)
+    _, states = m.model.target_outputs(b, hidden="targets")
+    _, teacher = m.model.teacher_outputs(ids, tids, teacher="k1", hidden="targets")
+    scored = b.targets != -100
+    gap = hidden_gap(states[:, scored], teacher[:, scored])
     assert float(gap) > 0
     gap.backward()
     encoder = m.model.encoders["4"]
@@ -72,6 +100,10 @@ def test_a_bad_teacher_is_one_clear_line():
         _module(distill_teacher="k2")
     with pytest.raises(KTMError, match="distill_hidden_weight must be a number >= 0"):
         _module(distill_hidden_weight=-1.0)
+    with pytest.raises(KTMError, match="distill_hidden_at must be one of targets, all"):
+        _module(distill_hidden_at="blocks")
+    with pytest.raises(KTMError, match="compressor 'truncate_tail' has none"):
+        _module(distill_hidden_at="all", distill_hidden_weight=1.0, compressor="truncate_tail")
 
 
 def test_a_tiny_fit_with_self_distillation_logs_the_hidden_gap(tmp_path, monkeypatch):
@@ -82,7 +114,7 @@ def test_a_tiny_fit_with_self_distillation_logs_the_hidden_gap(tmp_path, monkeyp
             "--model.ks=[1,2]", "--model.lr_lora=1.0e-3", "--data.k_schedule=[1,2]", "--data.benchmark_args={n_trees: 60}",
             "--data.max_train_examples=16", "--data.max_val_examples=8", "--data.max_test_examples=8", "--data.batch_size=8",
             "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.enable_progress_bar=false",
-            "--trainer.log_every_n_steps=1", "--model.distill_teacher=k1", "--model.distill_hidden_weight=1.0"]
+            "--trainer.log_every_n_steps=1", "--model.distill_teacher=k1", "--model.distill_hidden_weight=1.0", "--model.distill_hidden_at=all"]
     assert main(args) == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -23,6 +23,7 @@ from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
+HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
 
 
@@ -50,6 +51,7 @@ class KTMModule(L.LightningModule):
         distill_weight: float = 0.0,
         distill_teacher: str = "base",
         distill_hidden_weight: float = 0.0,
+        distill_hidden_at: str = "targets",
         eval_base: bool = False,
         init_from: str | None = None,
         reset_optimizer_on_k_change: bool = False,
@@ -93,6 +95,9 @@ class KTMModule(L.LightningModule):
                 scored position (the answer position first), averaged over layers: |h - h_teacher|^2 /
                 |h_teacher|^2. A label gives one bit per example; this says where in every layer the
                 uncompressed model's decision lies (0 = off).
+            distill_hidden_at: where hidden states are matched: "targets" (the scored positions) or "all" (also
+                every merged block, with the uncompressed position of its block's last token, and every token
+                kept: ktm.model.teacher_positions), so every block learns to carry what its K tokens said.
             eval_base: perplexity tasks: also score the bare base (no adapters, K=1) at val/test, so each K
                 reads against the uncompressed base (`perplexity_base`, `perplexity_vs_base`).
             reset_optimizer_on_k_change: clear AdamW's moments when the K schedule moves to a new entry. After
@@ -114,6 +119,12 @@ class KTMModule(L.LightningModule):
         if distill_teacher not in DISTILL_TEACHERS:
             raise KTMError(f"model.distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got {distill_teacher!r}",
                            "use base (the frozen base) or k1 (this model at K=1)")
+        if distill_hidden_at not in HIDDEN_AT:
+            raise KTMError(f"model.distill_hidden_at must be one of {', '.join(HIDDEN_AT)}, got {distill_hidden_at!r}",
+                           "use targets (the scored positions) or all (every position of the merged prompt too)")
+        if distill_hidden_at == "all" and distill_hidden_weight > 0 and compressor != "merge":
+            raise KTMError(f"model.distill_hidden_at=all matches merged blocks, and compressor {compressor!r} has none",
+                           "use model.distill_hidden_at=targets with a baseline compressor")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
@@ -222,7 +233,7 @@ class KTMModule(L.LightningModule):
         b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
         hp = self.hparams
         distill = k > 1 and (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0)
-        hidden = distill and hp.get("distill_hidden_weight", 0) > 0
+        hidden = hp.get("distill_hidden_at", "targets") if distill and hp.get("distill_hidden_weight", 0) > 0 else None
         pred, states = self.model.target_outputs(b, hidden)
         nll, counts, _ = self.model.target_nll(b, pred)
         loss = nll.sum() / counts.sum().clamp(min=1)
@@ -234,8 +245,14 @@ class KTMModule(L.LightningModule):
                 kl = distill_kl(pred, teacher, b.targets)
                 self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
                 loss = loss + hp.distill_weight * kl
+            if hidden == "targets":
+                scored = b.targets != -100
+                gap = hidden_gap(states[:, scored], teacher_states[:, scored])
+            elif hidden == "all":
+                mine, theirs = self.model.aligned_positions(prompt_ids, k, [len(t) for t in target_ids], kept,
+                                                            states.shape[2], teacher_states.shape[2])
+                gap = hidden_gap(states[:, mine[:, 0], mine[:, 1]], teacher_states[:, theirs[:, 0], theirs[:, 1]])
             if hidden:
-                gap = hidden_gap(states, teacher_states, b.targets)
                 self.log(f"train/k{k}/distill_hidden", gap, batch_size=bs)
                 loss = loss + hp.distill_hidden_weight * gap
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -421,13 +438,12 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tens
     return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
 
 
-def hidden_gap(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over layers and scored target positions of |h_s - h_t|^2 / |h_t|^2, states (layers, B, T, d).
-    Relative, so a layer whose residual stream is large does not outweigh the others."""
-    mask = targets != -100
-    s, t = student[:, mask].float(), teacher[:, mask].float()
-    if not mask.any():
+def hidden_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and positions of |h_s - h_t|^2 / |h_t|^2, states (layers, N, d) matched position by
+    position. Relative, so a layer or position whose residual stream is large does not outweigh the others."""
+    if student.shape[1] == 0:
         return student.sum() * 0
+    s, t = student.float(), teacher.float()
     return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
