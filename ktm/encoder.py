@@ -39,6 +39,15 @@ def hidden_size(k: int, d: int, multiplier: float | None = None) -> int:
     return max(1, int(f * k)) * d
 
 
+def encoder_parameters(k: int, d: int, multiplier: float | None = None) -> int:
+    """Parameters of MergeEncoder(k, d, multiplier), from its three layers below, without building it (the
+    settings check refuses a K whose encoder would not fit in memory before allocating it)."""
+    if k == 1:
+        return 0
+    h = hidden_size(k, d, multiplier)
+    return (k * d * h + h) + (h * k * d + k * d) + (k * d * d + d)
+
+
 class MergeEncoder(nn.Module):
     """Merge blocks of K embeddings. Input (..., K, d) or (..., K*d); output (..., d)."""
 

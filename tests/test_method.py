@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ktm.encoder import MergeEncoder, hidden_size
+from ktm.encoder import MergeEncoder, encoder_parameters, hidden_size
 from ktm.errors import KTMError
 from ktm.model import KTMModel, LoraSettings, block_layout, merged_length
 
@@ -96,6 +96,11 @@ def test_encoder_k1_is_identity_and_paper_sizes():
     assert torch.equal(enc(x), x[:, 0]) and not list(enc.parameters())
     assert hidden_size(2, 10) == 40 and hidden_size(3, 10) == 60 and hidden_size(4, 10) == 60
     assert hidden_size(8, 10) == 80  # our rule for K >= 5: f = 1.0
+
+
+@pytest.mark.parametrize("k, d, multiplier", [(1, 8, None), (2, 8, None), (4, 6, None), (8, 4, None), (4, 6, 0.5)])
+def test_the_encoder_parameter_count_is_the_built_encoders(k, d, multiplier):
+    assert encoder_parameters(k, d, multiplier) == sum(p.numel() for p in MergeEncoder(k, d, multiplier).parameters())
 
 
 @pytest.mark.parametrize("n,k,tail,expected", [(10, 4, 0, (2, 2, 0)), (3, 4, 0, (3, 0, 0)), (8, 4, 0, (0, 2, 0)),

@@ -66,7 +66,8 @@ def test_aligned_positions_pair_every_real_position_of_both_left_padded_batches(
     ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
     b4, b1 = m.model.build_batch(ids, 4, tids), m.model.build_batch(ids, 1, tids)
     mine, theirs = m.model.aligned_positions(ids, 4, [len(t) for t in tids], None, b4.inputs_embeds.shape[1], b1.inputs_embeds.shape[1])
-    assert len(mine) == int(b4.attention_mask.sum())  # every real position of the merged batch, once
+    assert len(mine) == int(b4.attention_mask.sum()) - 2  # every real position of the merged batch but the first (the sink)
+    assert len(set(map(tuple, mine.tolist()))) == len(mine)
     assert bool(b4.attention_mask[mine[:, 0], mine[:, 1]].all()) and bool(b1.attention_mask[theirs[:, 0], theirs[:, 1]].all())
     # the targets are the same embeddings in both
     last = torch.tensor([i == len(mine) - 1 or mine[i + 1, 0] != mine[i, 0] for i in range(len(mine))])
