@@ -112,7 +112,7 @@ def cmd_generate(argv: list[str]) -> None:
 
 def cmd_data(argv: list[str]) -> None:
     if argv and argv[0] == "commits":
-        from ktm.benchmarks.commitpack import main as mine_main
+        from ktm.benchmarks.commit_miner import main as mine_main
 
         mine_main(argv[1:])
         return

