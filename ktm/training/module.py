@@ -86,8 +86,8 @@ class KTMModule(L.LightningModule):
             generate_eval_examples: at test, also generate the answer for this many test examples per K
                 (greedy, KV cache) and report exact match + line-level edit similarity (0 = off).
             generate_max_new_tokens: cap on generated tokens per example for that check.
-            distill_weight: at K > 1 training steps, add this times the KL from the frozen base reading the
-                uncompressed prompt (adapters disabled) to the merged model, on every target token (0 = off).
+            distill_weight: at K > 1 training steps, add this times the KL from the teacher (distill_teacher) reading
+                the uncompressed prompt to the merged model, on every target token (0 = off).
             distill_teacher: who reads the uncompressed prompt for distillation: "base" (the frozen base, adapters
                 disabled: a reading stage's teacher) or "k1" (this model itself at K=1 with its adapters, no
                 gradient: a task teacher once K=1 knows the task, which the bare base does not).
@@ -239,22 +239,11 @@ class KTMModule(L.LightningModule):
         loss = nll.sum() / counts.sum().clamp(min=1)
         bs = len(batch["prompts"])
         if distill:
-            teacher, teacher_states = self.model.teacher_outputs(prompt_ids, target_ids, unscored, kept, hp.get("distill_teacher", "base"), hidden)
             self.log(f"train/k{k}/target_loss", loss, batch_size=bs)
-            if hp.distill_weight > 0:
-                kl = distill_kl(pred, teacher, b.targets)
-                self.log(f"train/k{k}/distill_kl", kl, batch_size=bs)
-                loss = loss + hp.distill_weight * kl
-            if hidden == "targets":
-                scored = b.targets != -100
-                gap = hidden_gap(states[:, scored], teacher_states[:, scored])
-            elif hidden == "all":
-                mine, theirs = self.model.aligned_positions(prompt_ids, k, [len(t) for t in target_ids], kept,
-                                                            states.shape[2], teacher_states.shape[2])
-                gap = hidden_gap(states[:, mine[:, 0], mine[:, 1]], teacher_states[:, theirs[:, 0], theirs[:, 1]])
-            if hidden:
-                self.log(f"train/k{k}/distill_hidden", gap, batch_size=bs)
-                loss = loss + hp.distill_hidden_weight * gap
+            terms = self._distillation(k, b, pred, states, hidden, prompt_ids, target_ids, unscored, kept)
+            for name, (weight, value) in terms.items():
+                self.log(f"train/k{k}/{name}", value, batch_size=bs)
+                loss = loss + weight * value
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
@@ -265,6 +254,24 @@ class KTMModule(L.LightningModule):
             self._watch_encoder(prompt_ids, k, bs, kept)
         self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
+
+    def _distillation(self, k: int, b, pred: torch.Tensor, states: torch.Tensor | None, hidden: str | None, prompt_ids, target_ids,
+                      unscored, kept) -> dict[str, tuple[float, torch.Tensor]]:
+        """{log name: (weight, loss term)} of the distillation losses that are on, against the teacher reading the
+        same examples uncompressed (model.distill_teacher)."""
+        hp = self.hparams
+        teacher, teacher_states = self.model.teacher_outputs(prompt_ids, target_ids, unscored, kept, hp.get("distill_teacher", "base"), hidden)
+        terms = {}
+        if hp.distill_weight > 0:
+            terms["distill_kl"] = (hp.distill_weight, distill_kl(pred, teacher, b.targets))
+        if hidden == "targets":
+            scored = b.targets != -100
+            terms["distill_hidden"] = (hp.distill_hidden_weight, hidden_gap(states[:, scored], teacher_states[:, scored]))
+        elif hidden == "all":
+            mine, theirs = self.model.aligned_positions(prompt_ids, k, [len(t) for t in target_ids], kept, states.shape[2], teacher_states.shape[2])
+            terms["distill_hidden"] = (hp.distill_hidden_weight,
+                                       hidden_gap(states[:, mine[:, 0], mine[:, 1]], teacher_states[:, theirs[:, 0], theirs[:, 1]]))
+        return terms
 
     def _watch_encoder(self, prompt_ids: list[list[int]], k: int, bs: int, kept: list[int] | None = None) -> None:
         """Log how far the K encoder has moved from the plain mean; warn once if it is diverging.
