@@ -623,13 +623,6 @@ class KTMModel(nn.Module):
         return torch.tensor(student, dtype=torch.long), torch.tensor(teacher, dtype=torch.long)
 
     @torch.no_grad()
-    def teacher_logits(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-                       unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None) -> torch.Tensor:
-        """The frozen base reading the uncompressed prompt (adapters disabled: no second model in memory),
-        at the same target positions as a merged batch of the same examples: a distillation teacher."""
-        return self.teacher_outputs(prompt_ids, target_ids, unscored, kept)[0]
-
-    @torch.no_grad()
     def teacher_outputs(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
                         unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None,
                         teacher: str = "base", hidden: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

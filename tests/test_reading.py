@@ -68,7 +68,7 @@ def test_teacher_is_the_bare_base_on_the_uncompressed_prompt():
             torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
     prompts, targets = ["Tree: ab\n+cd, Answer: ", "x y z"], ["true", "some longer target"]
     ids, tids = m.model.tokenize_prompts(prompts), m.model.tokenize_targets(targets)
-    teacher = m.model.teacher_logits(ids, tids)
+    teacher, _ = m.model.teacher_outputs(ids, tids)
     with_adapters = m.model.target_logits(m.model.build_batch(ids, 1, tids))
     bare = KTMModel.from_base("config:tiny-llama", ks=[1], lora=None)
     reference = bare.target_logits(bare.build_batch(ids, 1, tids))

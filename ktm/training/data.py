@@ -224,10 +224,6 @@ class KTMDataModule(L.LightningDataModule):
         return self.curriculum.stage_index
 
     @property
-    def rounds_in_stage(self) -> int:
-        return self.curriculum.rounds_in_stage
-
-    @property
     def epochs_done(self) -> int:
         return self.curriculum.epochs_done
 
@@ -246,9 +242,6 @@ class KTMDataModule(L.LightningDataModule):
 
     def train_k(self, step: int, default: int) -> int:
         return self.curriculum.train_k(step, default)
-
-    def k_schedule_done(self) -> bool:
-        return self.curriculum.k_schedule_done()
 
     def after_validation(self, metrics: dict[str, float], k: int) -> list[str]:
         return self.curriculum.after_validation(metrics, k)
