@@ -44,7 +44,6 @@ No Lightning here: plain torch + transformers (+ peft for the LoRA switch).
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from array import array
 from bisect import bisect_right
@@ -54,6 +53,7 @@ import torch
 
 from ktm.errors import KTMError
 from ktm.model import block_layout, merged_length
+from ktm.policy import token_surprisal
 
 if TYPE_CHECKING:
     from ktm.model import KTMModel
@@ -257,26 +257,9 @@ class SelfInformation(TokenSelector):
         self.cache_size = cache_size
         self._cache: dict[bytes, array] = {}
 
-    @torch.no_grad()
     def surprisal(self, model: "KTMModel", ids: Sequence[int]) -> torch.Tensor:
         """(n,) float32 surprisal in nats of each token under the frozen base; +inf for the first."""
-        if model.lora_merged:
-            raise KTMError("self_information scores tokens under the base without LoRA, but this copy has its LoRA merged "
-                           "into the base weights (merged_for_serving)", "compress with the unmerged model")
-
-        lm = model.lm
-        x = torch.as_tensor([list(ids)], dtype=torch.long, device=model.embed.weight.device)
-        modes = [(m, m.training) for m in lm.modules()]
-        lm.eval()  # no dropout in the scores, even mid-training
-        try:
-            with model.bare_base():
-                logits = lm(input_ids=x, use_cache=False).logits[0, :-1].float()
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        s = torch.full((x.shape[1],), math.inf)
-        s[1:] = (logits.logsumexp(-1) - logits.gather(-1, x[0, 1:, None]).squeeze(-1)).cpu()
-        return s
+        return token_surprisal(model, ids)
 
     def keep(self, model, body, want):
         key = _digest(f"self_information:{want}", body)

@@ -8,7 +8,8 @@ How a prompt of n tokens becomes a K-times shorter sequence (`build_batch`):
 
 `kept` is the example's own kept span: a prompt given as a pair (text to merge, text to keep) has its
 second text's tokens at its end, and they stay tokens (`encode_prompts`; benchmarks mark the span, used
-with `model.keep_marked`). A plain string prompt has kept = 0.
+with `model.keep_marked`). A plain string prompt has kept = 0. That is the `fixed` merge policy (the paper);
+under `budget` (ktm.policy) each window of the body gets its own K by content, at K on average.
 
 Sequences of a batch are then left-padded with zero vectors at the *sequence* level; pad positions are
 masked out of attention and position ids count real positions only, so an example gives the same
@@ -36,6 +37,7 @@ from torch import nn
 from ktm.encoder import MergeEncoder, encoder_parameters
 from ktm.errors import KTMError
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
+from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, runs_teacher_positions
 
 log = logging.getLogger("ktm")
 # peft imports bitsandbytes when installed (lightning[extra] pulls it in); on CPUs with AVX512-BF16 it warns
@@ -92,7 +94,8 @@ def _number(x) -> bool:
 
 
 def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
-                   lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge", keep_marked=False) -> list[int]:
+                   lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge", keep_marked=False,
+                   merge_policy="fixed", segment_tokens=16, policy_score="surprisal") -> list[int]:
     """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
 
     Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
@@ -135,6 +138,7 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
     from ktm.compressors import check_name
 
     check_name(compressor)
+    check_policy(merge_policy, segment_tokens, policy_score, ks, compressor)
     return ks
 
 
@@ -242,7 +246,7 @@ def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> boo
 
 
 _SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
-             "keep_marked")
+             "keep_marked", "merge_policy", "segment_tokens", "policy_score")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -266,8 +270,7 @@ def teacher_positions(n: int, k: int, keep_tail: int = 0, kept: int = 0, targets
     """For each position of a merged prompt of n tokens (then `targets` target tokens), the position of the
     uncompressed sequence it is matched with when distilling hidden states: a head or tail token with itself,
     a block with its last token (where the uncompressed model has read the whole block), a target with itself."""
-    head, blocks, tail = block_layout(n, k, keep_tail, kept)
-    return [*range(head), *(head + (b + 1) * k - 1 for b in range(blocks)), *range(n - tail, n), *range(n, n + targets)]
+    return runs_teacher_positions(fixed_runs(n, k, keep_tail, kept), targets)
 
 
 def merged_length(n: int, k: int, keep_tail: int = 0, kept: int = 0) -> int:
@@ -302,16 +305,23 @@ class KTMModel(nn.Module):
         encoder_bound: float | None = 1.0,
         compressor: str = "merge",
         keep_marked: bool = False,
+        merge_policy: str = "fixed",
+        segment_tokens: int = 16,
+        policy_score: str = "surprisal",
     ):
         super().__init__()
         ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor,
-                            keep_marked)
+                            keep_marked, merge_policy, segment_tokens, policy_score)
         from ktm.compressors import get_compressor
 
         self.compressor = get_compressor(compressor)  # what build_batch feeds the LM (ktm.compressors); "merge" = the method
         self.tokenizer = tokenizer
         self.ks, self.keep_tail = ks, keep_tail
         self.keep_marked = keep_marked  # examples' marked spans (Example.keep) stay in tokens: example_prompts
+        # How K is spread over a prompt (ktm.policy): "fixed" (the paper) or "budget" (a K per window of
+        # segment_tokens by the windows' scores, at the step's K on average). Not part of the trained weights.
+        self.merge_policy, self.segment_tokens = merge_policy, segment_tokens
+        self.token_scores = TokenScores(policy_score)
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.lora_settings = lora if lora is not None and lora.r > 0 else None
         self.encoder_multiplier, self.encoder_bound = encoder_multiplier, encoder_bound
@@ -499,15 +509,62 @@ class KTMModel(nn.Module):
         mean, correction = self._encoder(k).parts(blocks)
         return float(correction.norm(dim=-1).mean() / mean.norm(dim=-1).mean().clamp(min=1e-12))
 
+    def layouts(self, prompt_ids: Sequence[Sequence[int]], k: int, kept: Sequence[int] | None = None,
+                policy: str | None = None) -> list[list[tuple[int, int]]]:
+        """Each prompt's layout as runs (tokens, K) under `policy` (None: the model's merge_policy), ktm.policy.
+        Under "budget" at K > 1 each window's K comes from its tokens' scores (one cached base pass per prompt)."""
+        policy = self.merge_policy if policy is None else policy
+        check_policy(policy, self.segment_tokens, self.token_scores.score, self.ks, self.compressor.name)
+        kept = _check_kept(kept, [len(p) for p in prompt_ids]) or [0] * len(prompt_ids)
+        if policy == "fixed" or k == 1:
+            return [fixed_runs(len(p), k, self.keep_tail, c) for p, c in zip(prompt_ids, kept)]
+        out = []
+        for p, c in zip(prompt_ids, kept):
+            body = len(p) - min(self.keep_tail + c, len(p))
+            out.append(budget_runs(len(p), k, self.ks, self.segment_tokens, self.token_scores(self, p[:body]), self.keep_tail, c))
+        return out
+
+    def _merge_runs(self, prompt_ids: Sequence[Sequence[int]], runs: Sequence[Sequence[tuple[int, int]]]) -> list[tuple[torch.Tensor, ...]]:
+        """Each prompt's pieces for a layout of runs: tokens as their embeddings, blocks through their K's
+        encoder, every K's blocks of the whole batch in one encoder call (a block sees only its own tokens,
+        so an example gets the same pieces alone or in any batch)."""
+        lengths = [len(p) for p in prompt_ids]
+        padded = torch.full((len(prompt_ids), max(lengths)), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        emb = self.embed(padded.to(self.embed.weight.device))
+        d = emb.shape[-1]
+        by_k: dict[int, list[torch.Tensor]] = {}
+        for i, layout in enumerate(runs):
+            p = 0
+            for t, k in layout:
+                if k > 1:
+                    by_k.setdefault(k, []).append(emb[i, p : p + t].reshape(t // k, k, d))
+                p += t
+        merged = {k: iter(self._encoder(k)(torch.cat(parts)).to(emb.dtype).split([x.shape[0] for x in parts]))
+                  for k, parts in by_k.items()}
+        pieces = []
+        for i, layout in enumerate(runs):
+            p, mine = 0, []
+            for t, k in layout:
+                mine.append(emb[i, p : p + t] if k == 1 else next(merged[k]))
+                p += t
+            pieces.append(tuple(mine))
+        return pieces
+
     def build_batch(self, prompt_ids: Sequence[Sequence[int]], k: int, target_ids: Sequence[Sequence[int]] | None = None,
-                    unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None) -> Batch:
+                    unscored: Sequence[int] | None = None, kept: Sequence[int] | None = None, policy: str | None = None) -> Batch:
         """The merged, left-padded batch. `unscored[i]` leading target tokens of example i are read but not
         scored (a cue such as the reading stage's "Repeat the text above:"). `kept[i]` last prompt tokens of
-        example i are its kept span (encode_prompts): they stay tokens, with every compressor (None = none)."""
+        example i are its kept span (encode_prompts): they stay tokens, with every compressor (None = none).
+        `policy`: how K spreads over each prompt, "fixed" or "budget" (None: the model's merge_policy)."""
         device = self.embed.weight.device
         lengths = [len(p) for p in prompt_ids]
         kept = _check_kept(kept, lengths)
-        if self.compressor.name == "merge":
+        policy = self.merge_policy if policy is None else policy
+        if self.compressor.name == "merge" and policy == "budget" and k > 1:
+            prompts = self._merge_runs(prompt_ids, self.layouts(prompt_ids, k, kept, policy))
+        elif self.compressor.name == "merge":
             encoder = self._encoder(k)
             emb, layouts, blocks = self._blocks(prompt_ids, k, kept)
             merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
@@ -603,7 +660,8 @@ class KTMModel(nn.Module):
         return out.logits[:, :-1].float(), states
 
     def aligned_positions(self, prompt_ids: Sequence[Sequence[int]], k: int, target_lengths: Sequence[int],
-                          kept: Sequence[int] | None, merged_len: int, full_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          kept: Sequence[int] | None, merged_len: int, full_len: int,
+                          policy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B index, position) pairs of every real position of a merged batch (length merged_len) and of the
         position of the uncompressed batch of the same examples (length full_len, K=1) it is matched with
         (teacher_positions); both left-padded as build_batch lays them out. Two (N, 2) long tensors.
@@ -612,11 +670,11 @@ class KTMModel(nn.Module):
         residual stream is ~100x the others'), so a first *block* would otherwise be pulled towards the
         uncompressed model's fourth token and lose its sink (measured: a relative gap of ~8000 there against
         ~0.6 at every other position)."""
-        kept = _check_kept(kept, [len(p) for p in prompt_ids])
+        runs = self.layouts(prompt_ids, k, kept, policy)
         student, teacher = [], []
         for i, (p, tl) in enumerate(zip(prompt_ids, target_lengths)):
             n = len(p)
-            mine = teacher_positions(n, k, self.keep_tail, kept[i] if kept else 0, tl)
+            mine = runs_teacher_positions(runs[i], tl)
             s0, t0 = merged_len - len(mine), full_len - (n + tl)
             student += [(i, s0 + j) for j in range(1, len(mine))]
             teacher += [(i, t0 + j) for j in mine[1:]]
@@ -766,6 +824,9 @@ class KTMModel(nn.Module):
             "long_prompt_policy": self.long_prompt_policy,
             "compressor": self.compressor.name,
             "keep_marked": self.keep_marked,
+            "merge_policy": self.merge_policy,
+            "segment_tokens": self.segment_tokens,
+            "policy_score": self.token_scores.score,
         }
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -831,7 +892,9 @@ class KTMModel(nn.Module):
                    encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta.get("encoder_bound"), base_name=meta["base"], base_fingerprint=fp,
                    max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"),
                    compressor=meta.get("compressor", "merge"),  # exports from before the key: the merge
-                   keep_marked=meta.get("keep_marked", False))  # ... and the whole prompt merged
+                   keep_marked=meta.get("keep_marked", False),  # ... and the whole prompt merged
+                   merge_policy=meta.get("merge_policy", "fixed"), segment_tokens=meta.get("segment_tokens", 16),
+                   policy_score=meta.get("policy_score", "surprisal"))
         if lora is not None:
             from peft import PeftModel
 
@@ -857,7 +920,7 @@ class KTMModel(nn.Module):
     @torch.no_grad()
     def drift(self, texts: Sequence[str], ks: Sequence[int] | None = None, prefix_tokens: int = 128,
               continuation_tokens: int = 32, batch_size: int = 8, max_texts: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> dict:
+              progress: Callable[[int, int], None] | None = None, policies: Sequence[str] | None = None) -> dict:
         """Perplexity of a continuation after the merged prefix vs after the uncompressed prefix, per K:
         drift = ppl_merged / ppl_uncompressed - 1 (0: merging costs nothing on these texts).
 
@@ -865,10 +928,14 @@ class KTMModel(nn.Module):
         tokenizer adds, if any, as tokenize_prompts does), the next `continuation_tokens` the scored target.
         Shorter texts are skipped and counted; `max_texts` caps how many are scored. The uncompressed side
         is this model at K=1, the LoRA reading the plain prefix. Perplexities are token-weighted over all
-        windows. `ks` defaults to every K > 1 of the model. `progress(n, total)` is called after each batch
-        of n texts. Returns the summary, one row per K in "per_k", and each window's summed NLL per side
-        in "nll_per_text"."""
-        ks = _drift_ks(self, ks)
+        windows. `ks` defaults to every K > 1 of the model. `policies` (ktm.policy; default the model's
+        merge_policy) each give a row per K: "fixed" for the K this checkpoint has, "budget" for any K (the
+        average ratio; its windows use the checkpoint's K). `progress(n, total)` is called after each batch
+        of n texts. Returns the summary, one row per (policy, K) in "per_k", and each window's summed NLL
+        per side in "nll_per_text" (sides "uncompressed", "<K>" for fixed, "<K>:budget")."""
+        policies = _drift_policies(self, policies)
+        ks = _drift_ks(self, ks, policies)
+        cells = [(policy, k) for policy in policies for k in ks if policy == "budget" or k in self.ks]
         for name, v in (("prefix_tokens", prefix_tokens), ("continuation_tokens", continuation_tokens),
                         ("batch_size", batch_size), ("max_texts", 1 if max_texts is None else max_texts)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -886,7 +953,9 @@ class KTMModel(nn.Module):
                            "give longer texts, or lower --prefix-tokens / --continuation-tokens")
         from ktm.compressors import get_compressor
 
-        nll: dict[str, list[float]] = {side: [] for side in ("uncompressed", *map(str, ks))}
+        side = {cell: str(cell[1]) if cell[0] == "fixed" else f"{cell[1]}:{cell[0]}" for cell in cells}
+        nll: dict[str, list[float]] = {name: [] for name in ("uncompressed", *side.values())}
+        positions = {cell: 0 for cell in cells}
         was_training, kept, plain = self.training, self.compressor, get_compressor("none")
         self.eval()  # LoRA dropout off: the same texts must give the same drift
         try:
@@ -897,18 +966,22 @@ class KTMModel(nn.Module):
                 self.compressor = plain
                 nll["uncompressed"] += self.target_nll(self.build_batch(p, 1, t))[0].tolist()
                 self.compressor = kept
-                for k in ks:
-                    nll[str(k)] += self.target_nll(self.build_batch(p, k, t))[0].tolist()
+                for cell in cells:
+                    b = self.build_batch(p, cell[1], t, policy=cell[0])
+                    nll[side[cell]] += self.target_nll(b)[0].tolist()
+                    positions[cell] += int(b.merged_tokens.sum())
                 if progress is not None:
                     progress(len(p), len(prompts))
         finally:
             self.compressor = kept
             self.train(was_training)
         tokens = len(prompts) * continuation_tokens
-        ppl = {side: math.exp(min(math.fsum(v) / tokens, 700.0)) for side, v in nll.items()}  # fsum: any batching, same sum
-        rows = [{"k": k, "texts": len(prompts), "tokens": tokens, "prefix_positions": merged_length(n_prompt, k, self.keep_tail),
-                 "ppl_uncompressed": ppl["uncompressed"], "ppl_merged": ppl[str(k)], "drift": ppl[str(k)] / ppl["uncompressed"] - 1}
-                for k in ks]
+        ppl = {name: math.exp(min(math.fsum(v) / tokens, 700.0)) for name, v in nll.items()}  # fsum: any batching, same sum
+        rows = [{"k": k, "policy": policy, "texts": len(prompts), "tokens": tokens,
+                 "prefix_positions": merged_length(n_prompt, k, self.keep_tail) if policy == "fixed" else positions[(policy, k)] / len(prompts),
+                 "ppl_uncompressed": ppl["uncompressed"], "ppl_merged": ppl[side[policy, k]],
+                 "drift": ppl[side[policy, k]] / ppl["uncompressed"] - 1}
+                for policy, k in cells]
         return {"texts": len(prompts), "skipped": skipped, "tokens": tokens, "prefix_tokens": prefix_tokens,
                 "continuation_tokens": continuation_tokens, "compressor": kept.name, "ppl_uncompressed": ppl["uncompressed"],
                 "per_k": rows, "nll_per_text": nll}
@@ -927,14 +1000,25 @@ def _check_kept(kept: Sequence[int] | None, lengths: Sequence[int]) -> list[int]
     return kept if any(kept) else None
 
 
-def _drift_ks(model: KTMModel, ks: Sequence[int] | None) -> list[int]:
-    """The K values drift scores: those asked for (each one the checkpoint has), else its K > 1."""
+def _drift_policies(model: KTMModel, policies: Sequence[str] | None) -> list[str]:
+    if policies is None:
+        return [model.merge_policy]
+    if isinstance(policies, (str, bytes)) or not isinstance(policies, Sequence) or not policies:
+        raise KTMError(f"policies must be a non-empty list, got {policies!r}", "use e.g. --policies fixed budget")
+    for policy in policies:
+        check_policy(policy, model.segment_tokens, model.token_scores.score, model.ks, model.compressor.name)
+    return list(dict.fromkeys(policies))
+
+
+def _drift_ks(model: KTMModel, ks: Sequence[int] | None, policies: Sequence[str] = ("fixed",)) -> list[int]:
+    """The K values drift scores: those asked for (each one the checkpoint has, unless a budget policy
+    averages to it), else its K > 1."""
     if ks is None:
         return [k for k in model.ks if k > 1] or [1]
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
         raise KTMError(f"ks must be a non-empty list of K values, got {ks!r}", f"use K in {model.ks}, e.g. --ks {model.ks[-1]}")
     ks = sorted({check_k(k) for k in ks})
-    missing = [k for k in ks if k not in model.ks]
+    missing = [] if "budget" in policies else [k for k in ks if k not in model.ks]
     if missing:
         raise KTMError(f"K={', '.join(map(str, missing))} is not in this checkpoint's ks {model.ks}",
                        f"use K in {model.ks}, e.g. --ks {' '.join(map(str, model.ks))}")

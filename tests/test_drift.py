@@ -94,7 +94,8 @@ def test_cli_agrees_with_the_method_and_exits_0_below_the_threshold(model, expor
                  "--json", str(out)])
     captured = capsys.readouterr()
     assert code == 0
-    assert "| K | texts | tokens | ppl uncompressed | ppl merged | drift | status |" in captured.out
+    assert "| K | policy | prefix positions | texts | tokens | ppl uncompressed | ppl merged | drift | status |" in captured.out
+    assert "| 2 | fixed | 12.0 | 7 |" in captured.out
     assert "1 skipped (shorter than 32 tokens)" in captured.out and "| ABOVE |" not in captured.out
     assert "ktm eval" in captured.err  # the progress bar
     written = json.loads(out.read_text())
@@ -102,7 +103,20 @@ def test_cli_agrees_with_the_method_and_exits_0_below_the_threshold(model, expor
     assert written["status"] == "OK" and written["skipped"] == 1 and written["texts"] == len(TEXTS)
     for got, want in zip(written["per_k"], expected["per_k"], strict=True):
         assert got["status"] == "OK"
+        assert got["policy"] == want.pop("policy") == "fixed"
         assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-9)
+
+
+def test_cli_checks_each_merge_policy(model, export, data, tmp_path, capsys):
+    out = tmp_path / "drift.json"
+    code = main(["eval", "--ckpt", str(export), "--data", str(data), "--ks", "4", "--policies", "fixed", "budget",
+                 "--segment-tokens", "8", "--policy-score", "random", "--max-drift", "1e9", *CLI_WINDOW, "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["per_k"]
+    assert [(r["policy"], r["k"]) for r in rows] == [("fixed", 4), ("budget", 4)]
+    assert "| 4 | budget |" in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(export), "--data", str(data), "--policies", "budget", "--segment-tokens", "6", *CLI_WINDOW]) == 2
+    assert "model.segment_tokens=6 is not a multiple of K=4" in capsys.readouterr().err
 
 
 def test_cli_exit_codes_follow_the_threshold(export, data, capsys):

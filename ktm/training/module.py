@@ -55,6 +55,10 @@ class KTMModule(L.LightningModule):
         eval_base: bool = False,
         init_from: str | None = None,
         reset_optimizer_on_k_change: bool = False,
+        merge_policy: str = "fixed",
+        segment_tokens: int = 16,
+        policy_score: str = "surprisal",
+        budget_share: float = 0.5,
     ):
         """
         Args:
@@ -105,6 +109,14 @@ class KTMModule(L.LightningModule):
                 times the lr and wipe out what the LoRA learned (seen: K=1 val 0.99 -> 0.52 in one K=2 epoch).
             init_from: an export folder (checkpoints/<exp>/<run>/export) whose LoRA and merge encoders this
                 run starts from, e.g. a reading-stage run; its base, LoRA shape and K must fit this run's.
+            merge_policy: how K spreads over a prompt (ktm.policy): "fixed" (one K, the paper) or "budget" (each
+                window of segment_tokens gets a K of ks by its content score, at the step's K on average).
+                Validation, test and the export use it; training mixes it with fixed (budget_share).
+            segment_tokens: the budget policy's window in tokens (a multiple of every K of ks).
+            policy_score: what ranks the budget policy's windows: "surprisal" (mean surprisal under the frozen
+                base: dense text merges less) or "random" (the control).
+            budget_share: with merge_policy=budget, the share of K > 1 training steps laid out by it (the others
+                fixed), so the LoRA learns to read both mixed-K and plain prompts.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -125,13 +137,16 @@ class KTMModule(L.LightningModule):
         if distill_hidden_at == "all" and distill_hidden_weight > 0 and compressor != "merge":
             raise KTMError(f"model.distill_hidden_at=all matches merged blocks, and compressor {compressor!r} has none",
                            "use model.distill_hidden_at=targets with a baseline compressor")
+        if isinstance(budget_share, bool) or not isinstance(budget_share, (int, float)) or not 0 <= budget_share <= 1:
+            raise KTMError(f"model.budget_share must be a number in [0, 1], got {budget_share!r}",
+                           "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
-            compressor=compressor, keep_marked=keep_marked,
-            max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
+            compressor=compressor, keep_marked=keep_marked, merge_policy=merge_policy, segment_tokens=segment_tokens,
+            policy_score=policy_score, max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
         if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
             missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
             if missing:
@@ -230,7 +245,8 @@ class KTMModule(L.LightningModule):
         step = self.trainer.global_step
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
         prompt_ids, target_ids, unscored, kept = self._token_ids(batch)
-        b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
+        policy = self.train_policy(step, k)
+        b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept, policy)
         hp = self.hparams
         distill = k > 1 and (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0)
         hidden = hp.get("distill_hidden_at", "targets") if distill and hp.get("distill_hidden_weight", 0) > 0 else None
@@ -240,13 +256,15 @@ class KTMModule(L.LightningModule):
         bs = len(batch["prompts"])
         if distill:
             self.log(f"train/k{k}/target_loss", loss, batch_size=bs)
-            terms = self._distillation(k, b, pred, states, hidden, prompt_ids, target_ids, unscored, kept)
+            terms = self._distillation(k, b, pred, states, hidden, prompt_ids, target_ids, unscored, kept, policy)
             for name, (weight, value) in terms.items():
                 self.log(f"train/k{k}/{name}", value, batch_size=bs)
                 loss = loss + weight * value
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
+        if self.model.merge_policy == "budget":
+            self.log("train/budget_step", float(policy == "budget"), batch_size=bs)
         # The first steps of each logging window, one per K of a mixed entry: at step % N == 0 alone, [2, 4]
         # would only ever watch K=2's encoder (K=4 trains on odd steps).
         mixed = len(self.trainer.datamodule.current_ks(self.model.ks[-1]))
@@ -255,8 +273,16 @@ class KTMModule(L.LightningModule):
         self._tokens = (k, int(b.prompt_tokens.sum()), int(b.merged_tokens.sum()), bs)
         return loss
 
+    def train_policy(self, step: int, k: int) -> str:
+        """The merge policy of training step `step` at K: with merge_policy=budget, each K > 1 step is a budget step
+        with probability budget_share, drawn from the step number alone (so a resumed run repeats it, and a
+        mixed K schedule, whose K alternates with the step, gets budget steps at every K), else fixed."""
+        if self.model.merge_policy != "budget" or k == 1:
+            return "fixed"
+        return "budget" if step_draw(step) < self.hparams.get("budget_share", 0.5) else "fixed"
+
     def _distillation(self, k: int, b, pred: torch.Tensor, states: torch.Tensor | None, hidden: str | None, prompt_ids, target_ids,
-                      unscored, kept) -> dict[str, tuple[float, torch.Tensor]]:
+                      unscored, kept, policy: str = "fixed") -> dict[str, tuple[float, torch.Tensor]]:
         """{log name: (weight, loss term)} of the distillation losses that are on, against the teacher reading the
         same examples uncompressed (model.distill_teacher)."""
         hp = self.hparams
@@ -268,7 +294,8 @@ class KTMModule(L.LightningModule):
             scored = b.targets != -100
             terms["distill_hidden"] = (hp.distill_hidden_weight, hidden_gap(states[:, scored], teacher_states[:, scored]))
         elif hidden == "all":
-            mine, theirs = self.model.aligned_positions(prompt_ids, k, [len(t) for t in target_ids], kept, states.shape[2], teacher_states.shape[2])
+            mine, theirs = self.model.aligned_positions(prompt_ids, k, [len(t) for t in target_ids], kept, states.shape[2], teacher_states.shape[2],
+                                                        policy)
             terms["distill_hidden"] = (hp.distill_hidden_weight,
                                        hidden_gap(states[:, mine[:, 0], mine[:, 1]], teacher_states[:, theirs[:, 0], theirs[:, 1]]))
         return terms
@@ -452,6 +479,13 @@ def hidden_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return student.sum() * 0
     s, t = student.float(), teacher.float()
     return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
+
+
+def step_draw(step: int) -> float:
+    """A number in [0, 1) fixed by the step number (blake2b), independent of any seeded generator."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"budget:{step}".encode(), digest_size=8).digest(), "big") / 2**64
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
