@@ -245,7 +245,9 @@ def collect(exp: str, root: str, cells: list[Cell]) -> dict:
         if not metrics:
             raise KTMError(f"run {run} has no test results at K={cell.k}",
                            f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}")
-        rows.append({"compressor": cell.compressor, "k": cell.k, "run": str(run), **{key: s["mean"] for key, s in metrics.items()}})
+        doc = read_json(run / "metrics.json", "metrics file")  # what the cell's training cost: same budget, same stopping rule
+        rows.append({"compressor": cell.compressor, "k": cell.k, "run": f"{exp}/{run.name}", "steps": doc.get("global_step"),
+                     "fit_seconds": doc.get("wall_seconds", {}).get("fit"), **{key: s["mean"] for key, s in metrics.items()}})
     first = groups[runs[0].name]
     return {"experiment": exp, "benchmark": first["benchmark"], "task": first["task"], "split": "test",
             "cells": rows, "merge_gain": merge_gain(rows)}
@@ -257,10 +259,14 @@ def render(results: dict) -> str:
     lines = [f"### `ktm compare` on `{results['experiment']}`: benchmark `{results['benchmark']}` ({results['task']}), "
              f"{results['split']} split", "",
              "One run per (method, K), all trained alike (the same experiment, data, trainer budget and seed); K=1 is the "
-             f"uncompressed `none` run. P = {p}, L = 1 - compressed / original prompt tokens, P-L F1 = 2PL / (P + L).", "",
-             "| method | K | " + " | ".join(title for title, _ in columns) + " | run |", "|---|---|" + "---|" * len(columns) + "---|"]
+             f"uncompressed `none` run. P = {p}, L = 1 - compressed / original prompt tokens, P-L F1 = 2PL / (P + L). "
+             "Steps: the optimizer steps each cell trained (the curriculum may stop a cell early); runs under the root.", ""]
+    if results.get("command"):
+        lines += ["```bash", results["command"], "```", ""]
+    lines += ["| method | K | " + " | ".join(title for title, _ in columns) + " | steps | run |", "|---|---|" + "---|" * len(columns) + "---|---|"]
     for r in sorted(results["cells"], key=lambda r: r["k"]):  # stable: --compressors order within a K
-        lines.append(f"| {r['compressor']} | {r['k']} | " + " | ".join(_fmt(r.get(key)) for _, key in columns) + f" | `{r['run']}` |")
+        steps = "-" if r.get("steps") is None else str(r["steps"])
+        lines.append(f"| {r['compressor']} | {r['k']} | " + " | ".join(_fmt(r.get(key)) for _, key in columns) + f" | {steps} | `{r['run']}` |")
     lines.append("")
     if results["merge_gain"]:
         lines += ["merge's P-L F1 against the strongest baseline (the highest P-L F1 of the other methods at the same K):", "",

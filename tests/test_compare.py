@@ -188,9 +188,11 @@ def test_report_and_pareto_plot_from_finished_cells(finished, capsys):
     gain = results["merge_gain"]["4"]
     assert (gain["baseline"], gain["baseline_pl_f1"]) == ("mean_pool", 0.625) and gain["relative"] == pytest.approx(0.2)
     md = (out_dir / "results.md").read_text()
-    assert "| method | K | accuracy | balanced acc. | majority baseline | compression L | P-L F1 | run |" in md
-    assert f"| none | 1 | 0.875 | 0.875 | 0.625 | 0.000 | 0.000 | `{finished}/{EXP}/cmp_none_k1` |" in md
-    assert f"| truncate_tail | 4 | 0.500 | 0.500 | 0.625 | 0.750 | 0.600 | `{finished}/{EXP}/cmp_truncate_tail_k4` |" in md
+    assert "| method | K | accuracy | balanced acc. | majority baseline | compression L | P-L F1 | steps | run |" in md
+    assert f"| none | 1 | 0.875 | 0.875 | 0.625 | 0.000 | 0.000 | 100 | `{EXP}/cmp_none_k1` |" in md
+    assert f"| truncate_tail | 4 | 0.500 | 0.500 | 0.625 | 0.750 | 0.600 | 100 | `{EXP}/cmp_truncate_tail_k4` |" in md
+    assert f"ktm compare --exp {EXP} --root {finished} --compressors merge none truncate_tail mean_pool --trainer.max_epochs=1" in md
+    assert results["cells"][0]["fit_seconds"] == 10.0
     assert "| 4 | 0.750 | `mean_pool` | 0.625 | +20.0% |" in md
     png = (out_dir / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -214,7 +216,7 @@ def test_perplexity_cells_use_ppl1_over_ppl(tmp_path):
     assert results["task"] == "perplexity" and results["merge_gain"]["2"]["relative"] == pytest.approx(0.23)
     write_outputs(results, tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| method | K | perplexity | uncompressed (K=1) | P = ppl1/ppl | compression L | P-L F1 | run |" in md
+    assert "| method | K | perplexity | uncompressed (K=1) | P = ppl1/ppl | compression L | P-L F1 | steps | run |" in md
     assert "| truncate_head | 2 | 2.400 | 1.200 | 0.500 | 0.500 | 0.500 |" in md and "P = ppl(K=1) / ppl of the same run" in md
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
