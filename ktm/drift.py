@@ -2,7 +2,7 @@
 
     ktm eval --ckpt checkpoints/<exp>/<run>/export --data PATH [--field text] [--ks 2 4] [--max-drift 0.08]
              [--prefix-tokens 128] [--continuation-tokens 32] [--max-texts N] [--batch-size 8] [--json OUT]
-             [--policies fixed budget] [--segment-tokens 16] [--policy-score surprisal|random]
+             [--policies fixed budget] [--segment-tokens 16] [--policy-score surprisal|random] [--keep-tail N]
 
 PATH is a .txt/.md/.rst/.py file (one text), a JSON Lines file (one text per row, in --field), or a folder
 of them (read recursively, in name order), the files the reading benchmark's `path:` source reads. Each
@@ -86,15 +86,22 @@ def main(argv: list[str]) -> int:
                    help="merge policies to check, one row per K each (default: the checkpoint's; ktm.policy)")
     p.add_argument("--segment-tokens", type=int, default=None, help="window of the budget policy (default: the checkpoint's)")
     p.add_argument("--policy-score", default=None, choices=SCORES, help="what ranks the budget policy's windows (default: the checkpoint's)")
+    p.add_argument("--keep-tail", type=int, default=None,
+                   help="leave the last N prefix tokens unmerged (default: the checkpoint's keep_tail), e.g. to compare "
+                        "a budget policy with keeping the end of the prompt in tokens at the same length")
     a = p.parse_args(argv)
     if not math.isfinite(a.max_drift):
         raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
+    if a.keep_tail is not None and a.keep_tail < 0:
+        raise KTMError(f"--keep-tail must be a whole number >= 0, got {a.keep_tail}", "pass e.g. --keep-tail 16 (0: merge the whole prefix)")
     texts = read_texts(a.data, a.field)  # bad input fails here, before the model loads
     from tqdm import tqdm
 
     from ktm.model import KTMModel
 
     model = KTMModel.from_pretrained(a.ckpt, base=a.base)
+    if a.keep_tail is not None:
+        model.keep_tail = a.keep_tail
     if a.segment_tokens is not None:
         model.segment_tokens = a.segment_tokens  # checked with the policies, in drift()
     if a.policy_score is not None:

@@ -115,6 +115,10 @@ def test_cli_checks_each_merge_policy(model, export, data, tmp_path, capsys):
     rows = json.loads(out.read_text())["per_k"]
     assert [(r["policy"], r["k"]) for r in rows] == [("fixed", 4), ("budget", 4)]
     assert "| 4 | budget |" in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(export), "--data", str(data), "--ks", "4", "--keep-tail", "8", "--max-drift", "1e9", *CLI_WINDOW,
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["per_k"][0]["prefix_positions"] == 8 + 16 // 4  # 24 tokens (no BOS): the last 8 kept
+    capsys.readouterr()
     assert main(["eval", "--ckpt", str(export), "--data", str(data), "--policies", "budget", "--segment-tokens", "6", *CLI_WINDOW]) == 2
     assert "model.segment_tokens=6 is not a multiple of K=4" in capsys.readouterr().err
 
