@@ -121,19 +121,11 @@ class Compressor:
         if spans and out and not torch.is_tensor(out[0]):
             out = [list(o) + s if s else o for o, s in zip(out, spans)]  # token ids: the span joins the one lookup below
         elif spans:
-            longest = max(len(s) for s in spans)
-            padded = torch.full((len(spans), longest), model.pad_id, dtype=torch.long)
-            for i, s in enumerate(spans):
-                padded[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            emb = model.embed(padded.to(model.embed.weight.device))
+            emb = model.embed_rows(spans)
             out = [torch.cat([o, emb[i, : len(s)].to(o.dtype)]) if s else o for i, (o, s) in enumerate(zip(out, spans))]
         if not out or torch.is_tensor(out[0]):
             return out
-        longest = max(len(o) for o in out)
-        padded = torch.full((len(out), longest), model.pad_id, dtype=torch.long)
-        for i, o in enumerate(out):
-            padded[i, : len(o)] = torch.as_tensor(o, dtype=torch.long)
-        emb = model.embed(padded.to(model.embed.weight.device))  # one lookup for the batch, as _blocks does
+        emb = model.embed_rows(out)  # one lookup for the batch, as _blocks does
         return [emb[i, : len(o)] for i, o in enumerate(out)]
 
 

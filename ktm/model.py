@@ -480,15 +480,19 @@ class KTMModel(nn.Module):
             raise KTMError(f"this model has no encoder for K={k} (it has K in {self.ks})", f"use one of K={self.ks} or train with K={k}")
         return self.encoders[str(k)]
 
+    def embed_rows(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, longest, d) token embeddings of id rows, right-padded with the pad id: one lookup for all rows."""
+        padded = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return self.embed(padded.to(self.embed.weight.device))
+
     def _blocks(self, prompt_ids: Sequence[Sequence[int]], k: int, kept: Sequence[int] | None = None):
         """Token embeddings (B, n_max, d), each prompt's (head, blocks, tail) layout, and all K-blocks of
         the batch stacked (sum m_i, K, d), so the encoder runs once per batch. `kept[i]`: the last tokens of
         prompt i that are its kept span (they join the tail; None = none)."""
         lengths = [len(p) for p in prompt_ids]
-        padded = torch.full((len(prompt_ids), max(lengths)), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-        emb = self.embed(padded.to(self.embed.weight.device))  # one lookup for the whole batch
+        emb = self.embed_rows(prompt_ids)  # one lookup for the whole batch
         kept = _check_kept(kept, lengths)
         layouts = [block_layout(n, k, self.keep_tail, kept[i] if kept else 0) for i, n in enumerate(lengths)]
         bodies = [emb[i, h : h + m * k].reshape(m, k, emb.shape[-1]) for i, (h, m, _) in enumerate(layouts)]
@@ -528,11 +532,7 @@ class KTMModel(nn.Module):
         """Each prompt's pieces for a layout of runs: tokens as their embeddings, blocks through their K's
         encoder, every K's blocks of the whole batch in one encoder call (a block sees only its own tokens,
         so an example gets the same pieces alone or in any batch)."""
-        lengths = [len(p) for p in prompt_ids]
-        padded = torch.full((len(prompt_ids), max(lengths)), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-        emb = self.embed(padded.to(self.embed.weight.device))
+        emb = self.embed_rows(prompt_ids)
         d = emb.shape[-1]
         by_k: dict[int, list[torch.Tensor]] = {}
         for i, layout in enumerate(runs):
@@ -574,11 +574,7 @@ class KTMModel(nn.Module):
         p_lens = [sum(piece.shape[0] for piece in pieces) for pieces in prompts]
         target_emb = None
         if target_ids is not None:
-            t_max = max(len(t) for t in target_ids)
-            tpad = torch.full((len(target_ids), t_max), self.pad_id, dtype=torch.long)
-            for i, t in enumerate(target_ids):
-                tpad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-            target_emb = self.embed(tpad.to(device))
+            target_emb = self.embed_rows(target_ids)
         B, d = len(prompt_ids), self.hidden_size
         t_lens = [len(t) for t in target_ids] if target_ids is not None else [0] * B
         seq_lens = [pl + tl for pl, tl in zip(p_lens, t_lens)]
