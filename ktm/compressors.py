@@ -43,7 +43,6 @@ No Lightning here: plain torch + transformers (+ peft for the LoRA switch).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from array import array
 from bisect import bisect_right
@@ -53,7 +52,7 @@ import torch
 
 from ktm.errors import KTMError
 from ktm.model import block_layout, merged_length
-from ktm.policy import token_surprisal
+from ktm.policy import content_digest, token_surprisal
 
 if TYPE_CHECKING:
     from ktm.model import KTMModel
@@ -78,10 +77,6 @@ def check_name(name) -> str:
 
 def get_compressor(name: str, **kwargs) -> "Compressor":
     return REGISTRY[check_name(name)](**kwargs)
-
-
-def _digest(salt, ids: Sequence[int]) -> bytes:
-    return hashlib.blake2b(f"{salt}|".encode() + array("q", ids).tobytes(), digest_size=16).digest()
 
 
 def keep_highest(scores: Sequence[float], want: int) -> list[int]:
@@ -231,7 +226,7 @@ class RandomDrop(TokenSelector):
         self.seed = seed
 
     def keep(self, model, body, want):
-        rng = random.Random(int.from_bytes(_digest(f"random_drop:{self.seed}", body), "big"))
+        rng = random.Random(int.from_bytes(content_digest(f"random_drop:{self.seed}", body), "big"))
         return sorted(rng.sample(range(len(body)), want))
 
 
@@ -254,7 +249,7 @@ class SelfInformation(TokenSelector):
         return token_surprisal(model, ids)
 
     def keep(self, model, body, want):
-        key = _digest(f"self_information:{want}", body)
+        key = content_digest(f"self_information:{want}", body)
         hit = self._cache.get(key)
         if hit is None:
             hit = array("i", keep_highest(self.surprisal(model, body).tolist(), want))

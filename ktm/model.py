@@ -974,7 +974,7 @@ class KTMModel(nn.Module):
         tokens = len(prompts) * continuation_tokens
         ppl = {name: math.exp(min(math.fsum(v) / tokens, 700.0)) for name, v in nll.items()}  # fsum: any batching, same sum
         rows = [{"k": k, "policy": policy, "texts": len(prompts), "tokens": tokens,
-                 "prefix_positions": merged_length(n_prompt, k, self.keep_tail) if policy == "fixed" else positions[(policy, k)] / len(prompts),
+                 "prefix_positions": positions[(policy, k)] / len(prompts),  # the mean: a budget layout's varies
                  "ppl_uncompressed": ppl["uncompressed"], "ppl_merged": ppl[side[policy, k]],
                  "drift": ppl[side[policy, k]] / ppl["uncompressed"] - 1}
                 for policy, k in cells]

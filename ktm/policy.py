@@ -133,11 +133,10 @@ def budget_runs(n: int, k: int, ks: Sequence[int], window: int, token_scores: Se
         part = [s for s in token_scores[lead + j * window : lead + (j + 1) * window] if math.isfinite(s)]
         scores.append(math.fsum(part) / len(part) if part else 0.0)
     ks = [c for c in ks if c > 0]
-    start = _lead_runs(lead, k, ks) + [(window, max(ks))] * count + ([(tail, 1)] if tail else [])
-    slack = merged_length(n, k, keep_tail, kept) - runs_length(start)
+    head, end = _lead_runs(lead, k, ks), [(tail, 1)] if tail else []
+    slack = merged_length(n, k, keep_tail, kept) - runs_length(head + [(window, max(ks))] * count + end)
     windows = allocate(scores, ks, window, max(slack, 0))
-    runs = _lead_runs(lead, k, ks) + [r for w in windows for r in w] + ([(tail, 1)] if tail else [])
-    return _joined(runs)
+    return _joined(head + [r for w in windows for r in w] + end)
 
 
 def _joined(runs: Runs) -> Runs:
@@ -160,7 +159,8 @@ def runs_teacher_positions(runs: Runs, targets: int = 0) -> list[int]:
     return out + list(range(p, p + targets))
 
 
-def _digest(salt: str, ids: Sequence[int]) -> bytes:
+def content_digest(salt, ids: Sequence[int]) -> bytes:
+    """16 bytes naming a token sequence under a salt: the key of per-prompt caches and seeded draws."""
     return hashlib.blake2b(f"{salt}|".encode() + array("q", ids).tobytes(), digest_size=16).digest()
 
 
@@ -195,7 +195,7 @@ class TokenScores:
         self._cache: dict[bytes, array] = {}
 
     def __call__(self, model: "KTMModel", ids: Sequence[int]) -> array:
-        key = _digest(self.score, ids)
+        key = content_digest(self.score, ids)
         hit = self._cache.get(key)
         if hit is None:
             if self.score == "random":
