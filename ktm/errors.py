@@ -21,6 +21,12 @@ class KTMError(Exception):
         super().__init__(f"{problem} -> {fix}" if fix else problem)
 
 
+def check_choice(setting: str, value, choices, fix: str) -> None:
+    """One line when a setting that takes one of a few names has another: `<setting> must be one of ..., got ...`."""
+    if value not in choices:
+        raise KTMError(f"{setting} must be one of {', '.join(choices)}, got {value!r}", fix)
+
+
 class DiskFullError(KTMError):
     """The disk filled up while writing; the previous version of the file or folder is intact."""
 

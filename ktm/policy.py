@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_choice
 
 if TYPE_CHECKING:
     from ktm.model import KTMModel
@@ -50,12 +50,8 @@ Runs = list[tuple[int, int]]
 
 def check_policy(policy, segment_tokens, score, ks: Sequence[int], compressor: str = "merge") -> None:
     """One clear line for a merge policy that cannot run with these settings."""
-    if policy not in POLICIES:
-        raise KTMError(f"model.merge_policy must be one of {', '.join(POLICIES)}, got {policy!r}",
-                       "use fixed (one K per prompt, the paper) or budget (a K per segment by content)")
-    if score not in SCORES:
-        raise KTMError(f"model.policy_score must be one of {', '.join(SCORES)}, got {score!r}",
-                       "use surprisal (the frozen base's) or random (the control)")
+    check_choice("model.merge_policy", policy, POLICIES, "use fixed (one K per prompt, the paper) or budget (a K per segment by content)")
+    check_choice("model.policy_score", score, SCORES, "use surprisal (the frozen base's) or random (the control)")
     if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
         raise KTMError(f"model.segment_tokens must be a whole number >= 1, got {segment_tokens!r}", "set it to e.g. 16")
     bad = [k for k in ks if segment_tokens % k]

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_choice
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
@@ -128,12 +128,9 @@ class KTMModule(L.LightningModule):
         for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise KTMError(f"model.{name} must be a number >= 0, got {value!r}", f"set model.{name} to e.g. 1e-4")
-        if distill_teacher not in DISTILL_TEACHERS:
-            raise KTMError(f"model.distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got {distill_teacher!r}",
-                           "use base (the frozen base) or k1 (this model at K=1)")
-        if distill_hidden_at not in HIDDEN_AT:
-            raise KTMError(f"model.distill_hidden_at must be one of {', '.join(HIDDEN_AT)}, got {distill_hidden_at!r}",
-                           "use targets (the scored positions) or all (every position of the merged prompt too)")
+        check_choice("model.distill_teacher", distill_teacher, DISTILL_TEACHERS, "use base (the frozen base) or k1 (this model at K=1)")
+        check_choice("model.distill_hidden_at", distill_hidden_at, HIDDEN_AT,
+                     "use targets (the scored positions) or all (every position of the merged prompt too)")
         if distill_hidden_at == "all" and distill_hidden_weight > 0 and compressor != "merge":
             raise KTMError(f"model.distill_hidden_at=all matches merged blocks, and compressor {compressor!r} has none",
                            "use model.distill_hidden_at=targets with a baseline compressor")
