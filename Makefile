@@ -78,11 +78,21 @@ lint: install
 bench: install
 	$(BIN)/ktm bench $(ARGS)
 
+# CPU presets of `make compare` (2 cores, K=4, all seven cells): every cell gets the same step budget instead
+# of the experiment's max_time, so a slower machine runs longer but compares the same thing.
+#   tree_k4: the question stays in tokens (fully merged K=4 does not learn in this budget: README Results),
+#            200 steps a cell, about 2.5 h for the seven cells (measured 2026-12-01).
+#   amazon_k4: 174 steps a cell (two 87-step epochs: the merge's K=1 epoch, then one at K=4), 600 test sentences.
+COMPARE_PRESET_tree_k4   := --model.keep_marked=true --trainer.max_steps=200 --trainer.max_time=null
+COMPARE_PRESET_amazon_k4 := --trainer.max_steps=174 --trainer.max_time=null --data.max_test_examples=600
+PRESET ?= $(COMPARE_PRESET_$(EXP))
+
 ## merge vs the baseline compressors at the same compression: make compare EXP=tree_k4 [COMPRESSORS="merge truncate_tail"] [K="4"] [ARGS=...]
 ## one run per cell into checkpoints/$(EXP)/cmp_<compressor>_k<K> (reused when complete, resumed when half-finished),
 ## then checkpoints/compare/$(EXP)/results.{json,md} and pareto.png. K defaults to 4 here (the sweep's K="1 2 4" is not taken).
+## The experiment's CPU preset (above) comes before ARGS, so ARGS win; PRESET= runs the experiment's own budget.
 compare: install
-	$(BIN)/ktm compare --exp $(EXP)$(if $(strip $(COMPRESSORS)), --compressors $(COMPRESSORS))$(if $(filter command line,$(origin K)), --ks $(K)) $(ARGS)
+	$(BIN)/ktm compare --exp $(EXP)$(if $(strip $(COMPRESSORS)), --compressors $(COMPRESSORS))$(if $(filter command line,$(origin K)), --ks $(K)) $(PRESET) $(ARGS)
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir checkpoints --bind_all
