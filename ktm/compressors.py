@@ -44,7 +44,6 @@ No Lightning here: plain torch + transformers (+ peft for the LoRA switch).
 from __future__ import annotations
 
 import random
-from array import array
 from bisect import bisect_right
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
@@ -52,7 +51,7 @@ import torch
 
 from ktm.errors import KTMError
 from ktm.model import block_layout, merged_length
-from ktm.policy import content_digest, token_surprisal
+from ktm.policy import TokenScores, content_digest
 
 if TYPE_CHECKING:
     from ktm.model import KTMModel
@@ -235,28 +234,21 @@ class SelfInformation(TokenSelector):
     """Selective Context (Li et al., 2023) at token level: drop the tokens the frozen base finds least
     surprising, -log p(x_i | x_<i), from one forward pass over the prompt with the LoRA disabled (peft's
     `disable_adapter()`; the bare base when there is no LoRA), in eval mode. The first token has no context
-    to be scored in and is always kept. Ties drop the later token. The base never trains, so the choice is
-    cached per prompt (`cache_size` entries): later epochs cost no forward pass."""
+    to be scored in and is always kept. Ties drop the later token. The base never trains, so the scores are
+    cached per prompt (`cache_size` entries, the adaptive-K policy's TokenScores): later epochs and every K
+    cost no forward pass."""
 
     name = "self_information"
 
     def __init__(self, cache_size: int = 100_000):
-        self.cache_size = cache_size
-        self._cache: dict[bytes, array] = {}
+        self.scores = TokenScores("surprisal", cache_size)
 
     def surprisal(self, model: "KTMModel", ids: Sequence[int]) -> torch.Tensor:
         """(n,) float32 surprisal in nats of each token under the frozen base; +inf for the first."""
-        return token_surprisal(model, ids)
+        return torch.tensor(self.scores(model, ids), dtype=torch.float32)
 
     def keep(self, model, body, want):
-        key = content_digest(f"self_information:{want}", body)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = array("i", keep_highest(self.surprisal(model, body).tolist(), want))
-            if len(self._cache) >= self.cache_size:
-                self._cache.pop(next(iter(self._cache)))  # the oldest entry
-            self._cache[key] = hit
-        return list(hit)
+        return keep_highest(list(self.scores(model, body)), want)
 
 
 @register
