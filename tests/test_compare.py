@@ -264,6 +264,17 @@ def test_make_compare_passes_its_variables():
         out = subprocess.run(["make", "-n", "-B", "compare", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
         return [line for line in out.splitlines() if "/ktm " in line]
 
-    assert dry() == [".venv/bin/ktm compare --exp tree_k4 "]  # K=4 by default: ktm compare's own, not the sweep's K
-    assert dry("EXP=amazon_k4", "COMPRESSORS=merge none", "K=2 4", "ARGS=--trainer.max_epochs=1") == [
-        ".venv/bin/ktm compare --exp amazon_k4 --compressors merge none --ks 2 4 --trainer.max_epochs=1"]
+    assert dry("PRESET=") == [".venv/bin/ktm compare --exp tree_k4  "]  # K=4 by default: ktm compare's own, not the sweep's K
+    assert dry("EXP=amazon_k4", "COMPRESSORS=merge none", "K=2 4", "ARGS=--trainer.max_epochs=1", "PRESET=") == [
+        ".venv/bin/ktm compare --exp amazon_k4 --compressors merge none --ks 2 4  --trainer.max_epochs=1"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("exp, preset", [
+    ("tree_k4", "--model.keep_marked=true --trainer.max_steps=200 --trainer.max_time=null"),
+    ("amazon_k4", "--trainer.max_steps=174 --trainer.max_time=null --data.max_test_examples=600"),
+    ("commitpack_k2", "")])  # no preset: the experiment's own budget
+def test_make_compare_puts_the_experiments_cpu_preset_before_args(exp, preset):
+    out = subprocess.run(["make", "-n", "-B", "compare", f"EXP={exp}", "ARGS=--trainer.max_steps=10"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert [line for line in out.splitlines() if "/ktm " in line] == [f".venv/bin/ktm compare --exp {exp} {preset} --trainer.max_steps=10"]

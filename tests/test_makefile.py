@@ -50,13 +50,3 @@ def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
     assert lines[-1] == ".venv/bin/ktm report checkpoints/amazon_k4"
 
-
-@pytest.mark.parametrize("exp, preset", [
-    ("tree_k4", "--model.keep_marked=true --trainer.max_steps=200 --trainer.max_time=null"),
-    ("amazon_k4", "--trainer.max_steps=174 --trainer.max_time=null --data.max_test_examples=600"),
-    ("commitpack_k2", "")])
-def test_compare_applies_the_experiments_cpu_preset_before_args(exp, preset):
-    (line,) = _ktm(_dry("compare", f"EXP={exp}", "ARGS=--trainer.max_steps=10"))
-    assert line == f".venv/bin/ktm compare --exp {exp} {preset} --trainer.max_steps=10"
-    (plain,) = _ktm(_dry("compare", f"EXP={exp}", "PRESET="))
-    assert plain == f".venv/bin/ktm compare --exp {exp}  "
