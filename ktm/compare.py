@@ -1,6 +1,7 @@
 """`ktm compare`: the merge against every baseline compressor at the same compression, one run per cell.
 
-    ktm compare --exp tree_k4 [--compressors merge truncate_tail ...] [--ks 4] [--root checkpoints] [--dry-run] [ARGS]
+    ktm compare --exp tree_k4 [--compressors merge truncate_tail ...] [--ks 4] [--baseline-schedule k|curriculum]
+                [--root checkpoints] [--dry-run] [ARGS]
 
 One job: plan the (compressor, K) cells, run them, aggregate. Each cell is a normal run folder
 `<root>/<exp>/cmp_<compressor>_k<K>`, trained and tested through the Lightning CLI as subprocesses
@@ -8,8 +9,12 @@ One job: plan the (compressor, K) cells, run them, aggregate. Each cell is a nor
 `ktm test`), so every cell trains the same way: same experiment, data, trainer budget and seed.
 
 - K=1 is the `none` cell (every compressor reads the whole prompt at K=1): the uncompressed reference.
-- The merge keeps the experiment's K curriculum up to K (e.g. [1, 2, 4] at K=4, [1, 2] at K=2); a
-  baseline trains at its K alone (`data.k_schedule=[K]`). Every cell has K=1 in model.ks, so perplexity
+- The merge keeps the experiment's K curriculum up to K (e.g. [1, 2, 4] at K=4, [1, 2] at K=2). A
+  baseline trains at its K alone (`data.k_schedule=[K]`, `--baseline-schedule k`, the default), or on the
+  merge's curriculum (`--baseline-schedule curriculum`: the same K=1 warm-up and intermediate Ks, each read
+  through the baseline, so every cell spends the same steps at each K). Such cells are
+  `cmp_<compressor>_k<K>_curriculum` and report to `compare/<exp>_curriculum/`; `none` and `merge` cells
+  are the same under both rules and are shared. Every cell has K=1 in model.ks, so perplexity
   tasks get P = ppl(K=1) / ppl within the run, as ktm does for the merge (ktm.metrics).
 - A cell's folder decides what runs (`plan_cell`): test results at K there = reused; a finished fit
   without them = `ktm test` only; a checkpoint without a finished fit = resumed from the newest of
@@ -51,14 +56,23 @@ RESERVED = {"--run": "compare names each cell's run folder (cmp_<compressor>_k<K
             "--model.ks": "use --ks", "--data.k_schedule": "use --ks (the merge keeps the experiment's curriculum up to K)"}
 
 
+BASELINE_SCHEDULES = ("k", "curriculum")
+
+
 @dataclass(frozen=True)
 class Cell:
     compressor: str
     k: int
+    schedule: str = "k"  # a baseline's: "k" (its K alone) or "curriculum" (the merge's); see the module docstring
+
+    @property
+    def follows_curriculum(self) -> bool:
+        return self.compressor == "merge" or (self.schedule == "curriculum" and self.compressor != "none")
 
     @property
     def run(self) -> str:
-        return f"{PREFIX}{self.compressor}_k{self.k}"
+        own = self.compressor not in ("merge", "none") and self.schedule == "curriculum"
+        return f"{PREFIX}{self.compressor}_k{self.k}" + ("_curriculum" if own else "")
 
 
 @dataclass
@@ -85,6 +99,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--compressors", nargs="+", default=None, help="methods to compare (default: all but llmlingua2)")
     p.add_argument("--ks", nargs="+", default=["4"], help="K values (default 4); K=1 is the uncompressed `none` cell")
     p.add_argument("--root", default="checkpoints", help="folder that holds all runs")
+    p.add_argument("--baseline-schedule", default="k", choices=BASELINE_SCHEDULES,
+                   help="k: a baseline trains at its K alone; curriculum: on the merge's K curriculum (the same steps at each K)")
     p.add_argument("--dry-run", action="store_true", help="print what each cell needs and the commands, run nothing")
     a, rest = p.parse_known_args(argv)
     for arg in rest:
@@ -113,10 +129,10 @@ def check_args(exp, compressors, ks) -> tuple[list[str], list[int]]:
     return compressors, sorted({int(k) for k in ks})
 
 
-def plan_cells(compressors: list[str], ks: list[int]) -> list[Cell]:
+def plan_cells(compressors: list[str], ks: list[int], schedule: str = "k") -> list[Cell]:
     """`none` at K=1 (whenever it is asked for, or K=1 is); every other compressor at each K > 1."""
     cells = [Cell("none", 1)] if "none" in compressors or 1 in ks else []
-    return cells + [Cell(c, k) for c in compressors if c != "none" for k in ks if k > 1]
+    return cells + [Cell(c, k, schedule) for c in compressors if c != "none" for k in ks if k > 1]
 
 
 def experiment_curriculum(exp: str) -> list:
@@ -151,7 +167,7 @@ def merge_schedule(schedule: list, k: int) -> list:
 
 def cell_settings(cell: Cell, schedule: list) -> list[str]:
     """The `ktm fit` options that make a cell: its compressor, model.ks (with K=1) and K schedule."""
-    ks_schedule = merge_schedule(schedule, cell.k) if cell.compressor == "merge" else [cell.k]
+    ks_schedule = merge_schedule(schedule, cell.k) if cell.follows_curriculum else [cell.k]
     ks = sorted({1, cell.k, *(x for e in ks_schedule for x in _entry_ks(e))})
     flat = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731  ([1,[1,2]]: one shell word, YAML flow)
     return [f"--model.compressor={cell.compressor}", f"--model.ks={flat(ks)}", f"--data.k_schedule={flat(ks_schedule)}"]
@@ -260,7 +276,10 @@ def render(results: dict) -> str:
              f"{results['split']} split", "",
              "One run per (method, K), all trained alike (the same experiment, data, trainer budget and seed); K=1 is the "
              f"uncompressed `none` run. P = {p}, L = 1 - compressed / original prompt tokens, P-L F1 = 2PL / (P + L). "
-             "Steps: the optimizer steps each cell trained (the curriculum may stop a cell early); runs under the root.", ""]
+             "Steps: the optimizer steps each cell trained (the curriculum may stop a cell early); runs under the root. "
+             + ("Every cell trained on the merge's K curriculum (`--baseline-schedule curriculum`)."
+                if results.get("baseline_schedule") == "curriculum" else
+                "The merge trained on the experiment's K curriculum, each baseline at its K alone."), ""]
     if results.get("command"):
         lines += ["```bash", results["command"], "```", ""]
     lines += ["| method | K | " + " | ".join(title for title, _ in columns) + " | steps | run |", "|---|---|" + "---|" * len(columns) + "---|---|"]
@@ -349,7 +368,7 @@ def main(argv: list[str]) -> None:
     a, args = parse_args(argv)
     compressors, ks = check_args(a.exp, a.compressors, a.ks)
     schedule = experiment_curriculum(a.exp)
-    cells = plan_cells(compressors, ks)
+    cells = plan_cells(compressors, ks, a.baseline_schedule)
     steps = [plan_cell(c, a.exp, a.root, schedule, args) for c in cells]  # every folder checked before any cell runs
     for s in steps:
         print(f"ktm compare: {s.cell.run}: {s.state} ({s.why})")
@@ -361,7 +380,8 @@ def main(argv: list[str]) -> None:
     run_plan(steps)
     results = collect(a.exp, a.root, cells)
     results["command"] = shlex.join(["ktm", "compare", *argv])
-    out = Path(a.root) / "compare" / a.exp
+    results["baseline_schedule"] = a.baseline_schedule
+    out = Path(a.root) / "compare" / (a.exp + ("_curriculum" if a.baseline_schedule == "curriculum" else ""))
     write_outputs(results, out)
     print(render(results))
     print(f"ktm compare: results in {out}/ (results.json, results.md, pareto.png)")

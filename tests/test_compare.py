@@ -99,6 +99,30 @@ def test_fresh_cells_fit_then_test_with_their_settings(root):
     assert none[7:] == ["--model.compressor=none", "--model.ks=[1]", "--data.k_schedule=[1]"]
 
 
+def test_baselines_on_the_merges_curriculum_are_cells_of_their_own(root, capsys):
+    """--baseline-schedule curriculum: a baseline gets the merge's K schedule (the same steps at each K) in a
+    folder of its own; none and merge are the same cells under both rules, so they are shared."""
+    cells = plan_cells(["merge", "none", "truncate_tail"], [4], "curriculum")
+    assert [c.run for c in cells] == ["cmp_none_k1", "cmp_merge_k4", "cmp_truncate_tail_k4_curriculum"]
+    tail = plan_cell(cells[2], EXP, str(root), SCHEDULE, []).commands[0]
+    assert tail[3:] == ["--run", "cmp_truncate_tail_k4_curriculum", "--root", str(root), "--model.compressor=truncate_tail",
+                        "--model.ks=[1,2,4]", "--data.k_schedule=[1,2,4]"]
+    assert plan_cell(cells[1], EXP, str(root), SCHEDULE, []).commands == plan_cell(Cell("merge", 4), EXP, str(root), SCHEDULE, []).commands
+    assert plan_cell(cells[0], EXP, str(root), SCHEDULE, []).commands[0][7:] == ["--model.compressor=none", "--model.ks=[1]",
+                                                                                  "--data.k_schedule=[1]"]
+    for cell in cells:  # finished: the report goes to its own folder and says the rule
+        _cell_folder(root, cell, _metrics(cell.compressor, cell.k, 0.75, 0.75, 0.75))
+    assert cli_main(["compare", "--exp", EXP, "--root", str(root), "--compressors", "merge", "none", "truncate_tail",
+                     "--baseline-schedule", "curriculum"]) == 0
+    results = json.loads((root / "compare" / f"{EXP}_curriculum" / "results.json").read_text())
+    assert results["baseline_schedule"] == "curriculum" and results["cells"][2]["run"] == f"{EXP}/cmp_truncate_tail_k4_curriculum"
+    assert "Every cell trained on the merge's K curriculum" in (root / "compare" / f"{EXP}_curriculum" / "results.md").read_text()
+    assert not (root / "compare" / EXP).exists()
+    capsys.readouterr()
+    assert cli_main(["compare", "--exp", EXP, "--dry-run", "--baseline-schedule", "same"]) == 2
+    assert "--baseline-schedule: invalid choice: 'same'" in capsys.readouterr().err
+
+
 def test_a_complete_cell_is_reused(root):
     _cell_folder(root, Cell("merge", 4), _metrics("merge", 4, 0.75, 0.75, 0.75))
     step = plan_cell(Cell("merge", 4), EXP, str(root), SCHEDULE, ["--trainer.max_epochs=1"])
@@ -194,6 +218,7 @@ def test_report_and_pareto_plot_from_finished_cells(finished, capsys):
     assert f"ktm compare --exp {EXP} --root {finished} --compressors merge none truncate_tail mean_pool --trainer.max_epochs=1" in md
     assert results["cells"][0]["fit_seconds"] == 10.0
     assert "| 4 | 0.750 | `mean_pool` | 0.625 | +20.0% |" in md
+    assert "The merge trained on the experiment's K curriculum, each baseline at its K alone." in md
     png = (out_dir / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out_dir / "pareto.png.sha256").is_file()  # written like every artefact: atomic, checksummed
