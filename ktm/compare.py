@@ -71,7 +71,7 @@ class Cell:
 
     @property
     def run(self) -> str:
-        own = self.compressor not in ("merge", "none") and self.schedule == "curriculum"
+        own = self.follows_curriculum and self.compressor != "merge"  # a baseline on the curriculum: its own folder
         return f"{PREFIX}{self.compressor}_k{self.k}" + ("_curriculum" if own else "")
 
 
