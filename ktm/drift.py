@@ -115,15 +115,13 @@ def main(argv: list[str]) -> int:
         raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
     if a.keep_tail is not None and a.keep_tail < 0:
         raise KTMError(f"--keep-tail must be a whole number >= 0, got {a.keep_tail}", "pass e.g. --keep-tail 16 (0: merge the whole prefix)")
-    for name in ("prefix_tokens", "continuation_tokens"):
-        if getattr(a, name) < 1:
-            raise KTMError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(a, name)}", "pass e.g. 64")
-    # bad input fails here, before the model loads
+    from ktm.model import KTMModel, check_drift_counts
+
+    # bad input fails here, before the model loads (the reading windows are cut by these counts)
+    check_drift_counts(prefix_tokens=a.prefix_tokens, continuation_tokens=a.continuation_tokens)
     texts = (reading_texts(a.data, a.prefix_tokens, a.continuation_tokens) if a.data.startswith(READING)
              else read_texts(a.data, a.field))
     from tqdm import tqdm
-
-    from ktm.model import KTMModel
 
     model = KTMModel.from_pretrained(a.ckpt, base=a.base)
     if a.keep_tail is not None:

@@ -258,6 +258,13 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def check_drift_counts(**counts) -> None:
+    """One line for a drift window or batch count that is not a whole number >= 1 (KTMModel.drift, ktm eval)."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise KTMError(f"{name} must be a whole number >= 1, got {v!r}", f"pass e.g. --{name.replace('_', '-')} 32")
+
+
 def block_layout(n: int, k: int, keep_tail: int, kept: int = 0) -> tuple[int, int, int]:
     """(head, blocks, tail) for a prompt of n tokens whose last `kept` tokens are its kept span:
     head + blocks*k + tail == n, head < k, tail = min(keep_tail + kept, n)."""
@@ -932,10 +939,8 @@ class KTMModel(nn.Module):
         policies = _drift_policies(self, policies)
         ks = _drift_ks(self, ks, policies)
         cells = [(policy, k) for policy in policies for k in ks if policy == "budget" or k in self.ks]
-        for name, v in (("prefix_tokens", prefix_tokens), ("continuation_tokens", continuation_tokens),
-                        ("batch_size", batch_size), ("max_texts", 1 if max_texts is None else max_texts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise KTMError(f"{name} must be a whole number >= 1, got {v!r}", f"pass e.g. --{name.replace('_', '-')} 32")
+        check_drift_counts(prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, batch_size=batch_size,
+                           max_texts=1 if max_texts is None else max_texts)
         lead = _leading_special_ids(self.tokenizer)
         n_prompt = len(lead) + prefix_tokens
         if n_prompt > self.max_prompt_tokens or n_prompt + continuation_tokens > self.context:

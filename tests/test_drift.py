@@ -204,4 +204,4 @@ def test_reading_data_is_the_reading_stages_held_out_documents(export, tmp_path,
     assert main(["eval", "--ckpt", str(export), "--data", "reading:nope", *CLI_WINDOW]) == 2
     assert "unknown reading source 'nope'" in _one_error_line(capsys)
     assert main(["eval", "--ckpt", str(export), "--data", spec, "--prefix-tokens", "0"]) == 2
-    assert "--prefix-tokens must be a whole number >= 1, got 0" in _one_error_line(capsys)
+    assert "prefix_tokens must be a whole number >= 1, got 0 -> pass e.g. --prefix-tokens 32" in _one_error_line(capsys)
