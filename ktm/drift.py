@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ktm.benchmarks.reading import TEXT_SUFFIXES
-from ktm.errors import KTMError, OneLineParser
+from ktm.errors import KTMError, OneLineParser, check_count
 from ktm.io import read_jsonl, write_json
 from ktm.policy import POLICIES, SCORES, TokenScores
 
@@ -113,8 +113,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not math.isfinite(a.max_drift):
         raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
-    if a.keep_tail is not None and a.keep_tail < 0:
-        raise KTMError(f"--keep-tail must be a whole number >= 0, got {a.keep_tail}", "pass e.g. --keep-tail 16 (0: merge the whole prefix)")
+    check_count("--keep-tail", a.keep_tail, 0, "pass e.g. --keep-tail 16 (0: merge the whole prefix)", allow_none=True)
     from ktm.model import KTMModel, check_drift_counts
 
     # bad input fails here, before the model loads (the reading windows are cut by these counts)

@@ -27,6 +27,15 @@ def check_choice(setting: str, value, choices, fix: str) -> None:
         raise KTMError(f"{setting} must be one of {', '.join(choices)}, got {value!r}", fix)
 
 
+def check_count(setting: str, value, minimum: int, fix: str, *, allow_none: bool = False) -> None:
+    """One line when a count setting is not a whole number >= `minimum` (bools are not counts):
+    `<setting> must be a whole number >= <minimum>[ or null], got ...`. `allow_none`: null means "no limit"."""
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise KTMError(f"{setting} must be a whole number >= {minimum}{' or null' if allow_none else ''}, got {value!r}", fix)
+
+
 class DiskFullError(KTMError):
     """The disk filled up while writing; the previous version of the file or folder is intact."""
 

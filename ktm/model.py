@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ktm.encoder import MergeEncoder, encoder_parameters
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
 from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, runs_teacher_positions
 
@@ -84,8 +84,7 @@ class Batch:
 
 
 def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise KTMError(f"K must be a whole number >= 1, got {k!r}", "set model.ks to e.g. [1, 2, 4]")
+    check_count("K", k, 1, "set model.ks to e.g. [1, 2, 4]")
     return k
 
 
@@ -103,8 +102,7 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or len(ks) == 0:
         raise KTMError(f"model.ks must be a non-empty list of K values, got {ks!r}", "set model.ks to e.g. [1, 2, 4]")
     ks = sorted({check_k(k) for k in ks})
-    if isinstance(keep_tail, bool) or not isinstance(keep_tail, int) or keep_tail < 0:
-        raise KTMError(f"keep_tail must be a whole number >= 0, got {keep_tail!r}", "set model.keep_tail to 0 (paper) or e.g. 16")
+    check_count("keep_tail", keep_tail, 0, "set model.keep_tail to 0 (paper) or e.g. 16")
     if not isinstance(keep_marked, bool):
         raise KTMError(f"model.keep_marked must be true or false, got {keep_marked!r}",
                        "set it to false (the paper: merge the whole prompt) or true (the benchmark's marked span stays in tokens)")
@@ -120,15 +118,12 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
     if encoder_bound is not None and (not _number(encoder_bound) or encoder_bound <= 0):
         raise KTMError(f"model.encoder_bound must be a number > 0 or null, got {encoder_bound!r}",
                        "set it to 1.0 (correction at most the block mean's norm), or null for the paper's unbounded encoder")
-    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
-                                          or max_prompt_tokens < 1):
-        raise KTMError(f"model.max_prompt_tokens must be a whole number >= 1 or null, got {max_prompt_tokens!r}",
-                       "set it to e.g. 2048, or null for the base's context length")
+    check_count("model.max_prompt_tokens", max_prompt_tokens, 1, "set it to e.g. 2048, or null for the base's context length",
+                allow_none=True)
     if long_prompt_policy not in ("error", "truncate_left"):
         raise KTMError(f"unknown long_prompt_policy {long_prompt_policy!r}", "use 'error' or 'truncate_left'")
     if lora is not None:
-        if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 0:
-            raise KTMError(f"model.lora.r must be a whole number >= 0, got {lora.r!r}", "set it to e.g. 4 (0 disables LoRA)")
+        check_count("model.lora.r", lora.r, 0, "set it to e.g. 4 (0 disables LoRA)")
         if lora.r > 0:
             if not _number(lora.alpha) or lora.alpha <= 0:
                 raise KTMError(f"model.lora.alpha must be a number > 0, got {lora.alpha!r}", "set it to e.g. 16")
@@ -261,8 +256,7 @@ def _count(n: int) -> str:
 def check_drift_counts(**counts) -> None:
     """One line for a drift window or batch count that is not a whole number >= 1 (KTMModel.drift, ktm eval)."""
     for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise KTMError(f"{name} must be a whole number >= 1, got {v!r}", f"pass e.g. --{name.replace('_', '-')} 32")
+        check_count(name, v, 1, f"pass e.g. --{name.replace('_', '-')} 32")
 
 
 def block_layout(n: int, k: int, keep_tail: int, kept: int = 0) -> tuple[int, int, int]:

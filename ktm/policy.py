@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ktm.errors import KTMError, check_choice
+from ktm.errors import KTMError, check_choice, check_count
 
 if TYPE_CHECKING:
     from ktm.model import KTMModel
@@ -52,8 +52,7 @@ def check_policy(policy, segment_tokens, score, ks: Sequence[int], compressor: s
     """One clear line for a merge policy that cannot run with these settings."""
     check_choice("model.merge_policy", policy, POLICIES, "use fixed (one K per prompt, the paper) or budget (a K per segment by content)")
     check_choice("model.policy_score", score, SCORES, "use surprisal (the frozen base's) or random (the control)")
-    if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
-        raise KTMError(f"model.segment_tokens must be a whole number >= 1, got {segment_tokens!r}", "set it to e.g. 16")
+    check_count("model.segment_tokens", segment_tokens, 1, "set it to e.g. 16")
     bad = [k for k in ks if segment_tokens % k]
     if policy == "budget" and bad:
         raise KTMError(f"model.segment_tokens={segment_tokens} is not a multiple of K={bad[0]} of model.ks {list(ks)}",

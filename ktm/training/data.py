@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ktm.benchmarks import get_benchmark
 from ktm.benchmarks.common import Example, balance
-from ktm.errors import KTMError
+from ktm.errors import KTMError, check_count
 from ktm.training.curriculum import Curriculum
 
 log = logging.getLogger("ktm")
@@ -111,13 +111,12 @@ def _whole(x: Any) -> bool:
 def check_data_args(**h: Any) -> None:
     """One-line errors for bad data settings, checked before anything is loaded."""
     for name in ("epochs_per_k", "max_rounds", "batch_size", "eval_batch_size"):
-        if name in h and (not _whole(h[name]) or h[name] < 1):
-            raise KTMError(f"data.{name} must be a whole number >= 1, got {h[name]!r}", f"set data.{name} to e.g. 1 or more")
+        if name in h:
+            check_count(f"data.{name}", h[name], 1, f"set data.{name} to e.g. 1 or more")
     for name in ("max_train_examples", "max_val_examples", "max_test_examples"):
-        if h.get(name) is not None and (not _whole(h[name]) or h[name] < 1):
-            raise KTMError(f"data.{name} must be a whole number >= 1 or null, got {h[name]!r}", f"set data.{name} to a count, or null for all")
-    if "num_workers" in h and (not _whole(h["num_workers"]) or h["num_workers"] < 0):
-        raise KTMError(f"data.num_workers must be a whole number >= 0, got {h['num_workers']!r}", "set data.num_workers to 0 (main process) or more")
+        check_count(f"data.{name}", h.get(name), 1, f"set data.{name} to a count, or null for all", allow_none=True)
+    if "num_workers" in h:
+        check_count("data.num_workers", h["num_workers"], 0, "set data.num_workers to 0 (main process) or more")
     if "seed" in h and not _whole(h["seed"]):
         raise KTMError(f"data.seed must be a whole number, got {h['seed']!r}", "set data.seed to e.g. 0")
     for name in ("advance_threshold", "final_threshold"):

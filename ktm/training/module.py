@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ktm.errors import KTMError, check_choice
+from ktm.errors import KTMError, check_choice, check_count
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
@@ -137,8 +137,7 @@ class KTMModule(L.LightningModule):
         if isinstance(budget_share, bool) or not isinstance(budget_share, (int, float)) or not 0 <= budget_share <= 1:
             raise KTMError(f"model.budget_share must be a number in [0, 1], got {budget_share!r}",
                            "set it to e.g. 0.5 (half the merged steps by the budget policy)")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise KTMError(f"model.warmup_steps must be a whole number >= 0, got {warmup_steps!r}", "set it to 0 (no warm-up) or more")
+        check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
