@@ -163,9 +163,13 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_its_resume_command_matches(ref
     verify(saved, "checkpoint")
     assert torch.load(saved, weights_only=False)["global_step"] == 5
     assert not (run / "ktm.lock").exists()  # released on the way out
+    first_session = torch.load(saved, weights_only=False)["callbacks"]["RunOutputs"]["fit_seconds"]
+    assert first_session > 0
     command = expected.split("Resume with: ktm ", 1)[1].split()
     assert main(command) == 0
     assert_same_as_reference(reference_run, run)
+    # the fit time counts the interrupted session too, not only the resumed one
+    assert json.loads((run / "metrics.json").read_text())["wall_seconds"]["fit"] >= round(first_session, 1)
 
 
 def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, capsys):
@@ -198,3 +202,15 @@ def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "ktm: finishing the checkpoint save first" in err and f"ktm: interrupted; saved {saved}. Resume with:" in err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_fit_seconds_of_earlier_sessions_travel_in_the_checkpoint():
+    from ktm.training.callbacks import RunOutputs
+
+    fresh = RunOutputs(export=False, tensorboard=False)
+    assert 0 <= fresh.state_dict()["fit_seconds"] < 60  # a new fit counts from its own start
+    resumed = RunOutputs(export=False, tensorboard=False)
+    resumed.load_state_dict({"fit_seconds": 1000.0})  # what a checkpoint of a 1000-second session holds
+    assert 1000.0 <= resumed.state_dict()["fit_seconds"] < 1060
+    resumed.load_state_dict({})  # a checkpoint from before fit_seconds was saved
+    assert resumed.fit_seconds_before == 0.0

@@ -371,7 +371,15 @@ class RunOutputs(L.Callback):
     def __init__(self, export: bool = True, tensorboard: bool = True):
         self.export = export
         self.started = time.time()
+        self.fit_seconds_before = 0.0  # earlier sessions of a resumed fit, up to the checkpoint it resumed from
         self.views = TensorBoardViews() if tensorboard else None
+
+    def state_dict(self) -> dict[str, float]:
+        # In every checkpoint, so that wall_seconds.fit of a resumed run counts all its sessions, not the last one.
+        return {"fit_seconds": self.fit_seconds_before + time.time() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fit_seconds_before = float(state.get("fit_seconds", 0.0))
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module, phase: str) -> None:
@@ -399,7 +407,8 @@ class RunOutputs(L.Callback):
         speed = next((c.summary for c in trainer.callbacks if isinstance(c, Throughput)), None)
         if speed:
             doc.setdefault("speed", {}).update(speed)
-        doc.setdefault("wall_seconds", {})[phase] = round(time.time() - self.started, 1)
+        before = self.fit_seconds_before if phase == "fit" else 0.0
+        doc.setdefault("wall_seconds", {})[phase] = round(before + time.time() - self.started, 1)
         # Per phase like wall_seconds: `ktm test` is its own process and may run on another machine.
         doc.setdefault("environment", {})[phase] = environment()
         if phase == "fit":  # a later `ktm test` starts a fresh trainer at step 0
