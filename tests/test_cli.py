@@ -95,3 +95,13 @@ def test_layers_import_downwards_only():
         assert not {n for n in _imports(path) if n == "ktm.cli" or n.startswith("ktm.cli.")}, path
     cli = _imports(REPO / "ktm" / "cli.py")
     assert not {n for n in cli if n.startswith("lightning")}, "ktm/cli.py dispatches; Lightning belongs to ktm/training"
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")
+                                       if p.stem != "defaults"))
+def test_every_experiment_config_parses(exp, capsys):
+    """Each shipped YAML (with the shared defaults) holds only known keys of the right types: `--print_config`
+    parses it all without building anything, and prints the K settings it holds."""
+    assert main(["fit", "--exp", exp, "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "ks:" in out and "k_schedule:" in out and "benchmark:" in out
