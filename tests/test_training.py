@@ -73,6 +73,16 @@ def test_fit_with_a_mixed_k_entry_trains_and_times_each_k(tmp_path):
     assert metrics["curriculum"]["k_schedule"] == [[1, 2]]
 
 
+def test_a_run_capped_by_max_steps_mid_epoch_still_validates_once(tmp_path, capsys):
+    root = str(tmp_path / "runs")  # 32 examples, batch 8: an epoch has 4 steps, the cap stops it at 3
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "capped", "--trainer.max_epochs=1",
+                 "--trainer.max_steps=3", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "tree_k4" / "capped" / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and set(metrics["val"]) == {"k1", "k2"}
+    epoch_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ktm: epoch ")]
+    assert len(epoch_lines) == 1 and epoch_lines[0].startswith("ktm: epoch 0 | step 3 | K=2 |")
+
+
 def test_encoder_learning_rate_per_k():
     from ktm.errors import KTMError
     from ktm.training.module import KTMModule

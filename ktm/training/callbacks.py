@@ -585,6 +585,16 @@ class ResumableRNG(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ValidateAtMaxSteps(L.Callback):
+    """Lightning validates at an epoch's end, or when asked to stop (max_time, early stopping), but not when
+    `trainer.max_steps` ends an epoch early: a run capped by steps would end with no val metrics and no
+    epoch line. Asking it to stop at the last step makes it validate first, as max_time does."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class EpochLog(L.Callback):
     """One line per validation (epoch end) on the ktm logger: step, K, training loss, the val metrics per
     K, elapsed time. Shows in a redirected log, where the progress bar writes nothing until the end."""

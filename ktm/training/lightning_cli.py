@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
 from ktm.model import LoraSettings, check_settings
-from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, run_dir
+from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, ValidateAtMaxSteps, run_dir
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
 from ktm.training.run_folder import SPECIAL_CKPT, RunFolder, check_name, eval_checkpoint, run_path
@@ -49,7 +49,8 @@ def run(argv: list[str]) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"parser_mode": "omegaconf", "prog": "ktm"},
             trainer_defaults={
-                "callbacks": [BeginRun(claimed), Throughput(), RunOutputs(), interrupt, ResumableRNG(), EpochLog()],
+                "callbacks": [BeginRun(claimed), Throughput(), RunOutputs(), interrupt, ResumableRNG(), ValidateAtMaxSteps(),
+                              EpochLog()],
                 "num_sanity_val_steps": 0,
                 "reload_dataloaders_every_n_epochs": 1,
             },
