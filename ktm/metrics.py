@@ -33,6 +33,22 @@ def ppl_performance(ppl_uncompressed: float, ppl: float) -> float:
     return ppl_uncompressed / ppl if ppl > 0 else 0.0
 
 
+def paired_ppl_ratio(nll_a, nll_b, tokens_per_text: int, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """ppl_a / ppl_b over the same texts scored two ways (each text's summed NLL, equal token counts, as
+    `KTMModel.drift` writes them in "nll_per_text"), with a 95% paired bootstrap interval over texts: the
+    noise of the text sample, which is what two checkpoints scored on one set of windows differ by.
+    "a_better": the share of texts whose NLL is lower under a."""
+    a, b = torch.tensor(nll_a, dtype=torch.float64), torch.tensor(nll_b, dtype=torch.float64)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"paired_ppl_ratio needs the same non-empty texts on both sides, got {a.numel()} and {b.numel()}")
+    gap = (a - b) / tokens_per_text  # per text, the mean NLL difference per token
+    draws = torch.randint(0, gap.numel(), (resamples, gap.numel()), generator=torch.Generator().manual_seed(seed))
+    boot = gap[draws].mean(dim=1).exp().sort().values
+    return {"ratio": math.exp(gap.mean().item()), "low": boot[int(0.025 * (resamples - 1))].item(),
+            "high": boot[int(0.975 * (resamples - 1))].item(), "a_better": (a < b).double().mean().item(),
+            "texts": gap.numel()}
+
+
 class SumMetric(Metric):
     """Sums of named quantities, synced across processes (DDP) by torchmetrics."""
 

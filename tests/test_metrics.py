@@ -46,3 +46,22 @@ def test_line_similarity_and_generation_scores(tiny):
     examples = [Example(prompt="Old Content:\nx = 1\nNew Content:\n", target="x = 2\n"), Example(prompt="abc", target="d")]
     scores = generation_scores(tiny, examples, k=2, max_new_tokens=4)
     assert scores["generated"] == 2.0 and 0.0 <= scores["line_similarity"] <= 1.0 and scores["exact_match"] in (0.0, 0.5, 1.0)
+
+
+def test_paired_ppl_ratio_is_the_perplexity_ratio_with_a_paired_interval():
+    import math
+
+    from ktm.metrics import paired_ppl_ratio
+
+    b = [40.0, 60.0, 50.0, 70.0]  # summed NLL of 16 tokens per text
+    same = paired_ppl_ratio(b, b, 16)
+    assert (same["ratio"], same["low"], same["high"], same["a_better"]) == (1.0, 1.0, 1.0, 0.0)
+    a = [x - 8.0 for x in b]  # half a nat per token lower on every text: a constant gap has no spread
+    r = paired_ppl_ratio(a, b, 16)
+    assert r["ratio"] == pytest.approx(math.exp(-0.5)) and r["low"] == pytest.approx(r["high"]) == pytest.approx(r["ratio"])
+    assert r["a_better"] == 1.0 and r["texts"] == 4
+    mixed = paired_ppl_ratio([32.0, 68.0, 42.0, 78.0], b, 16)  # better on two texts, worse on two: the interval spans 1
+    assert mixed["low"] < 1.0 < mixed["high"] and mixed["a_better"] == 0.5
+    assert paired_ppl_ratio(a, b, 16, seed=1) == paired_ppl_ratio(a, b, 16, seed=1)
+    with pytest.raises(ValueError, match="same non-empty texts"):
+        paired_ppl_ratio(a[:3], b, 16)
