@@ -2,6 +2,7 @@
 
     ktm eval --ckpt checkpoints/<exp>/<run>/export --data PATH [--field text] [--ks 2 4] [--max-drift 0.08]
              [--prefix-tokens 128] [--continuation-tokens 32] [--max-texts N] [--batch-size 8] [--json OUT]
+             [--versus OTHER.json]
              [--policies fixed budget] [--segment-tokens 16] [--policy-score surprisal|random] [--keep-tail N]
 
 PATH is a .txt/.md/.rst/.py file (one text), a JSON Lines file (one text per row, in --field), or a folder
@@ -11,6 +12,8 @@ checkpoint at K=1 reading the plain prefix: drift = ppl_merged / ppl_uncompresse
 (`KTMModel.drift`, which does the computation; this module reads files and formats). Prints a markdown
 table; exit code 1 when any K's drift is above --max-drift, 0 otherwise, 2 for bad input. --policies adds a
 row per merge policy (ktm.policy: `budget` spreads K over the prefix by content at K on average).
+--versus compares two checkpoints on the same windows (another run's --json): their perplexity ratio per
+K with a paired bootstrap interval over texts, so "better" comes with the noise of the text sample.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from ktm.benchmarks.reading import TEXT_SUFFIXES
 from ktm.errors import KTMError, OneLineParser, check_count
-from ktm.io import read_jsonl, write_json
+from ktm.io import read_json, read_jsonl, write_json
+from ktm.metrics import paired_ppl_ratio
 from ktm.policy import POLICIES, SCORES, TokenScores
 
 
@@ -89,6 +93,46 @@ def drift_table(result: dict, max_drift: float) -> str:
     return "\n".join(lines)
 
 
+def read_versus(path: str, data: str, field: str, prefix_tokens: int, continuation_tokens: int) -> dict:
+    """Another `ktm eval --json` result to compare with: it must have scored the same windows."""
+    other = read_json(path, "--versus file")
+    if not isinstance(other, dict) or not isinstance(other.get("nll_per_text"), dict):
+        raise KTMError(f"--versus file {path} is not a `ktm eval --json` result (no nll_per_text)",
+                       "pass a file that `ktm eval ... --json FILE` wrote")
+    mine = {"data": data, "field": field, "prefix_tokens": prefix_tokens, "continuation_tokens": continuation_tokens}
+    for key, value in mine.items():
+        if other.get(key) != value:
+            raise KTMError(f"--versus file {path} scored other windows ({key} {other.get(key)!r}, here {value!r})",
+                           "compare evaluations of the same --data, --field, --prefix-tokens and --continuation-tokens")
+    return other
+
+
+def versus_rows(result: dict, other: dict) -> list[dict]:
+    """This checkpoint against the other, side by side: every side both scored (uncompressed, "<K>",
+    "<K>:budget"), ppl here / ppl there with a paired bootstrap interval over the texts."""
+    mine, theirs = result["nll_per_text"], other["nll_per_text"]
+    shared = [name for name in mine if name in theirs]
+    if not shared:
+        raise KTMError(f"--versus {other.get('ckpt')} scored none of the sides here ({', '.join(mine)}; it has {', '.join(theirs)})",
+                       "pass --ks (and --policies) that the other evaluation also ran")
+    if any(len(theirs[name]) != len(mine[name]) for name in shared):
+        raise KTMError(f"--versus {other.get('ckpt')} scored {len(theirs[shared[0]])} texts, here {len(mine[shared[0]])}",
+                       "compare evaluations of the same texts (same --data and --max-texts)")
+    return [{"side": name, "ppl": math.exp(math.fsum(mine[name]) / result["tokens"]),
+             "ppl_versus": math.exp(math.fsum(theirs[name]) / result["tokens"]),
+             **paired_ppl_ratio(mine[name], theirs[name], result["continuation_tokens"])} for name in shared]
+
+
+def versus_table(rows: list[dict], other_ckpt: str) -> str:
+    lines = [f"Against {other_ckpt} on the same windows (ratio = ppl here / ppl there; 95% paired bootstrap over texts):", "",
+             "| side | ppl here | ppl there | ratio [95%] | texts better here |", "|---|---|---|---|---|"]
+    for r in rows:
+        side = "uncompressed (K=1)" if r["side"] == "uncompressed" else f"K={r['side']}"
+        lines.append(f"| {side} | {r['ppl']:.3f} | {r['ppl_versus']:.3f} | {r['ratio']:.3f} [{r['low']:.3f}–{r['high']:.3f}] "
+                     f"| {r['a_better']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     p = OneLineParser(prog="ktm eval", description="Perplexity drift of merged prompts against uncompressed ones, on your texts.")
     p.add_argument("--ckpt", required=True, help="export folder of a run (checkpoints/<exp>/<run>/export)")
@@ -102,6 +146,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-texts", type=int, default=None, help="score at most this many texts (the first long enough)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="also write the result here as JSON")
+    p.add_argument("--versus", default=None, help="another `ktm eval --json` result on the same windows: adds this "
+                                                  "checkpoint's perplexity ratio to it per K, with a paired bootstrap interval")
     p.add_argument("--base", default=None, help="override the base model location (same weights required)")
     p.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
                    help="merge policies to check, one row per K each (default: the checkpoint's; ktm.policy)")
@@ -118,6 +164,7 @@ def main(argv: list[str]) -> int:
 
     # bad input fails here, before the model loads (the reading windows are cut by these counts)
     check_drift_counts(prefix_tokens=a.prefix_tokens, continuation_tokens=a.continuation_tokens)
+    other = read_versus(a.versus, a.data, a.field, a.prefix_tokens, a.continuation_tokens) if a.versus else None
     texts = (reading_texts(a.data, a.prefix_tokens, a.continuation_tokens) if a.data.startswith(READING)
              else read_texts(a.data, a.field))
     from tqdm import tqdm
@@ -138,9 +185,12 @@ def main(argv: list[str]) -> int:
                              batch_size=a.batch_size, max_texts=a.max_texts, progress=step, policies=a.policies)
     above = [r for r in result["per_k"] if r["drift"] > a.max_drift]
     print(drift_table(result, a.max_drift))
+    versus = {"ckpt": other.get("ckpt"), "file": str(a.versus), "rows": versus_rows(result, other)} if other else None
+    if versus:
+        print("\n" + versus_table(versus["rows"], versus["ckpt"]))
     if a.json:
         for r in result["per_k"]:
             r["status"] = "ABOVE" if r["drift"] > a.max_drift else "OK"
         write_json(a.json, {**result, "ckpt": str(a.ckpt), "data": str(a.data), "field": a.field, "max_drift": a.max_drift,
-                            "status": "ABOVE" if above else "OK"})
+                            "status": "ABOVE" if above else "OK", **({"versus": versus} if versus else {})})
     return 1 if above else 0

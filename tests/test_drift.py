@@ -11,6 +11,7 @@ from ktm.cli import main
 from ktm.benchmarks import get_benchmark
 from ktm.drift import read_texts, reading_texts
 from ktm.errors import KTMError
+from ktm.io import write_json
 from ktm.model import KTMModel, LoraSettings
 
 WINDOW = dict(prefix_tokens=24, continuation_tokens=8)  # byte tokenizer: 32 bytes per text
@@ -122,6 +123,33 @@ def test_cli_checks_each_merge_policy(model, export, data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--ckpt", str(export), "--data", str(data), "--policies", "budget", "--segment-tokens", "6", *CLI_WINDOW]) == 2
     assert "model.segment_tokens=6 is not a multiple of K=4" in capsys.readouterr().err
+
+
+def test_versus_compares_two_evaluations_of_the_same_windows(export, data, tmp_path, capsys):
+    first, second, third = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    base = ["eval", "--ckpt", str(export), "--data", str(data), "--max-drift", "1e9", *CLI_WINDOW]
+    assert main([*base, "--ks", "2", "4", "--json", str(first)]) == 0
+    assert main([*base, "--ks", "4", "--versus", str(first), "--json", str(second)]) == 0  # the same model: ratio exactly 1
+    out = capsys.readouterr().out
+    assert "| side | ppl here | ppl there | ratio [95%] | texts better here |" in out
+    assert "| K=4 |" in out and "| 1.000 [1.000–1.000] | 0% |" in out
+    rows = json.loads(second.read_text())["versus"]["rows"]
+    assert [r["side"] for r in rows] == ["uncompressed", "4"] and all(r["ratio"] == 1.0 for r in rows)
+    # another layout of the same checkpoint (the last 8 tokens kept): the ratio is the two perplexities' ratio
+    assert main([*base, "--ks", "4", "--keep-tail", "8", "--versus", str(first), "--json", str(third)]) == 0
+    a, b = json.loads(third.read_text()), json.loads(first.read_text())
+    k4 = a["versus"]["rows"][1]
+    assert k4["ratio"] == pytest.approx(a["per_k"][0]["ppl_merged"] / b["per_k"][1]["ppl_merged"], rel=1e-9) != 1.0
+    assert k4["low"] <= k4["ratio"] <= k4["high"]
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(export), "--data", str(data), "--prefix-tokens", "16", "--continuation-tokens", "8",
+                 "--versus", str(first)]) == 2  # other windows: refused before the model loads
+    assert "scored other windows (prefix_tokens 24, here 16)" in _one_error_line(capsys)
+    assert main([*base, "--versus", str(data)]) == 2  # not written by ktm: no checksum
+    assert f"--versus file {data} has no recorded" in _one_error_line(capsys)
+    write_json(tmp_path / "metrics.json", {"val": {}})
+    assert main([*base, "--versus", str(tmp_path / "metrics.json")]) == 2
+    assert "is not a `ktm eval --json` result (no nll_per_text)" in _one_error_line(capsys)
 
 
 def test_cli_exit_codes_follow_the_threshold(export, data, capsys):
