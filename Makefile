@@ -10,20 +10,27 @@ K          ?= 1 2 4
 SEEDS      ?=
 COMPRESSORS ?=
 ARGS       ?=
+# READ: a reading experiment (read_k4, read_k1248, ...) whose checkpoint the task starts from. Made once
+# into checkpoints/$(READ)/default (fit + test) when its export is missing, then reused by every run.
+READ       ?=
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
+READ_DIR   := checkpoints/$(READ)/default
+INIT_ARGS  := $(if $(strip $(READ)), --model.init_from=$(READ_DIR)/export)
 # The fair uncompressed reference: the same experiment and budget, trained at K=1 only. One encoder lr
 # (unused at K=1) because a per-K dict in the experiment would name encoders that no longer exist.
 REFERENCE_ARGS := --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001
 
-# $(call fit_test,RUN,EXTRA): fit + test checkpoints/$(EXP)/RUN with EXTRA before $(ARGS) (ARGS wins).
-# One shell line so it can sit in a loop; ARGS is not a call argument since its commas ([1,2]) would split it.
-fit_test = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) && \
-  $(BIN)/ktm test --config checkpoints/$(EXP)/$(1)/config.yaml --ckpt_path checkpoints/$(EXP)/$(1)/checkpoints/last.ckpt
+# $(call fit_test_exp,EXP,RUN,EXTRA): fit + test checkpoints/EXP/RUN with EXTRA; one shell line (it sits in loops).
+fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
+  $(BIN)/ktm test --config checkpoints/$(1)/$(2)/config.yaml --ckpt_path checkpoints/$(1)/$(2)/checkpoints/last.ckpt
+# $(call fit_test,RUN,EXTRA): the same for $(EXP), with $(ARGS) after EXTRA (ARGS wins). ARGS is not a call
+# argument since its commas ([1,2]) would split it.
+fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
 # $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the data.
 per_seed = for s in $(SEEDS); do $(call fit_test,$(1)_s$$s,$(2) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
-.PHONY: install constraints train reference test test-fast lint bench sweep compare tensorboard data clean-runs
+.PHONY: install constraints reading train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 
 # constraints.txt pins every dependency to the versions the README results were measured with.
 install: $(VENV)/.installed
@@ -37,15 +44,22 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 constraints:
 	$(BIN)/python -m ktm.environment constraints
 
-## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [ARGS="--trainer.max_epochs=1"]
+## the reading checkpoint of READ (made once, then reused): make reading READ=read_k4
+reading: install
+ifneq ($(strip $(READ)),)
+	test -f $(READ_DIR)/export/ktm.json || { $(call fit_test_exp,$(READ),default,); }
+endif
+
+## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [READ=read_k4] [ARGS="--trainer.max_epochs=1"]
 ## SEEDS: one run per seed into $(RUN)_s<seed>, then the mean ± std over seeds (ktm report checkpoints/$(EXP))
-train: install
+## READ: start from that reading experiment's checkpoint (made first when missing; README "Reading stage")
+train: install reading
 ifeq ($(strip $(SEEDS)),)
-	$(BIN)/ktm fit --exp $(EXP) --run $(RUN) $(ARGS)
+	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(INIT_ARGS) $(ARGS)
 	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml --ckpt_path $(RUN_DIR)/checkpoints/last.ckpt
 	@echo "metrics: $(RUN_DIR)/metrics.json   model: $(RUN_DIR)/export   (make tensorboard)"
 else
-	$(call per_seed,$(RUN))
+	$(call per_seed,$(RUN),$(INIT_ARGS))
 	$(BIN)/ktm report checkpoints/$(EXP)
 endif
 

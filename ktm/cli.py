@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     # Lightning's "Checkpoint directory ... exists and is not empty": a fit there is a resume or --overwrite
     # (ktm/training/run_folder.py refuses any other), so the warning would only ever be noise.
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    # "Found N module(s) in eval mode at the start of training": those are the frozen base's own modules,
+    # left in eval mode by from_pretrained (a frozen model needs no dropout); the LoRA and encoder modules
+    # train. It fires on every fit, so it would only ever be noise.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(__doc__)

@@ -1,7 +1,7 @@
 """`ktm compare`: the merge against every baseline compressor at the same compression, one run per cell.
 
     ktm compare --exp tree_k4 [--compressors merge truncate_tail ...] [--ks 4] [--baseline-schedule k|curriculum]
-                [--root checkpoints] [--dry-run] [ARGS]
+                [--extra RUN ...] [--root checkpoints] [--dry-run] [ARGS]
 
 One job: plan the (compressor, K) cells, run them, aggregate. Each cell is a normal run folder
 `<root>/<exp>/cmp_<compressor>_k<K>`, trained and tested through the Lightning CLI as subprocesses
@@ -20,6 +20,10 @@ One job: plan the (compressor, K) cells, run them, aggregate. Each cell is a nor
   without them = `ktm test` only; a checkpoint without a finished fit = resumed from the newest of
   last.ckpt / interrupted.ckpt with the run's own config.yaml, never restarted. Anything else is refused
   before any cell runs. ARGS (any `ktm fit` option) go to fresh fits only: a resumed run keeps its config.
+- `--extra RUN ...`: finished runs of the same experiment (with test results at a compared K) added as
+  extra rows, labelled `<compressor> (<RUN>)`, e.g. a merge started from a reading checkpoint
+  (`--model.init_from`) or trained with another policy. compare never trains or changes them; an extra
+  merge gets its own gain row against the same baselines.
 - Outputs: `<root>/compare/<exp>/results.json`, `results.md` (test split: every accuracy beside balanced
   accuracy and the majority baseline, P-L F1, merge's relative P-L F1 gain over the strongest baseline
   at each K) and `pareto.png` (quality vs compression L, one line per method over K; P-L F1 per method).
@@ -44,7 +48,7 @@ from pathlib import Path
 
 from ktm.errors import Interrupted, KTMError, OneLineParser
 from ktm.io import read_json, write_json, write_text, write_with
-from ktm.report import CLASSIFICATION_COLUMNS, PERPLEXITY_COLUMNS, _fmt, summarize
+from ktm.report import CLASSIFICATION_COLUMNS, PERPLEXITY_COLUMNS, _fmt, group_of, summarize
 
 
 COLUMNS = {"classification": CLASSIFICATION_COLUMNS, "perplexity": PERPLEXITY_COLUMNS}
@@ -101,6 +105,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--root", default="checkpoints", help="folder that holds all runs")
     p.add_argument("--baseline-schedule", default="k", choices=BASELINE_SCHEDULES,
                    help="k: a baseline trains at its K alone; curriculum: on the merge's K curriculum (the same steps at each K)")
+    p.add_argument("--extra", nargs="+", default=[], metavar="RUN",
+                   help="finished runs of this experiment to add as extra rows (e.g. a merge started from a reading checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="print what each cell needs and the commands, run nothing")
     a, rest = p.parse_known_args(argv)
     for arg in rest:
@@ -234,39 +240,79 @@ def run_plan(steps: list[Step], runner=run_command) -> None:
                                "(finished cells are reused, a half-finished one resumes)")
 
 
+def _is_merge(row: dict) -> bool:
+    return row.get("method", row["compressor"]) == "merge"
+
+
 def merge_gain(rows: list[dict]) -> dict:
-    """Per K: merge's P-L F1, the strongest baseline's (the highest of the other methods at that K) and
-    merge / baseline - 1 (the paper's +28.2% on the tree)."""
+    """Per K: merge's P-L F1, the strongest baseline's (the highest of the other methods at that K, extra
+    runs left out) and merge / baseline - 1 (the paper's +28.2% on the tree). Keyed "<K>" for the merge
+    cell and "<K> <label>" for an extra merge run."""
     out = {}
-    for merge in (r for r in rows if r["compressor"] == "merge"):
-        others = [r for r in rows if r["k"] == merge["k"] and r["compressor"] != "merge" and r.get("pl_f1") is not None]
+    for merge in (r for r in rows if _is_merge(r)):
+        others = [r for r in rows if r["k"] == merge["k"] and not _is_merge(r) and not r.get("extra") and r.get("pl_f1") is not None]
         if not others or merge.get("pl_f1") is None:
             continue
         best = max(others, key=lambda r: r["pl_f1"])  # ties: the first in --compressors order
         relative = merge["pl_f1"] / best["pl_f1"] - 1 if best["pl_f1"] > 0 else None
-        out[str(merge["k"])] = {"merge": merge["pl_f1"], "baseline": best["compressor"], "baseline_pl_f1": best["pl_f1"],
-                                "relative": relative}
+        key = str(merge["k"]) if not merge.get("extra") else f"{merge['k']} {merge['compressor']}"
+        out[key] = {"k": merge["k"], "merge": merge["pl_f1"], "method": merge["compressor"], "baseline": best["compressor"],
+                    "baseline_pl_f1": best["pl_f1"], "relative": relative}
     return out
 
 
-def collect(exp: str, root: str, cells: list[Cell]) -> dict:
-    """Each cell's test metrics at its K, read by ktm.report (checksums checked), and merge's gain."""
+def _test_rows(run: Path, ks: list[int]) -> dict[int, dict]:
+    """The run's test metrics (the columns of its task) at each of `ks` it has, checksums checked."""
+    group = summarize([run], COLUMNS)[group_of(run)[0]]
+    tested = group["splits"].get("test", {})
+    return {k: {key: s["mean"] for key, s in tested[f"k{k}"].items()} for k in ks if tested.get(f"k{k}")}
+
+
+def extra_runs(exp: str, root: str, names: list[str], ks: list[int]) -> list[tuple[str, Path, list[int]]]:
+    """(label, folder, its compared K) of each --extra run; checked before any cell runs."""
     from ktm.training.run_folder import run_path
 
-    runs = [run_path(root, exp, c.run) for c in cells]
-    groups = summarize(runs, COLUMNS)
+    out = []
+    for name in dict.fromkeys(names):
+        run = run_path(root, exp, name)
+        if not (run / "metrics.json").is_file():
+            raise KTMError(f"--extra run {run} has no metrics.json", f"finish it first (ktm fit, then ktm test), or drop {name} from --extra")
+        doc = read_json(run / "metrics.json", "metrics file")
+        mine = [k for k in ks if k > 1 and (doc.get("test") or {}).get(f"k{k}")]
+        if not mine:
+            raise KTMError(f"--extra run {run} has no test results at K={', '.join(str(k) for k in ks if k > 1)}",
+                           f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}, or pass its K in --ks")
+        compressor = (doc.get("model") or {}).get("compressor", "merge")
+        out.append((f"{compressor} ({name})", run, mine))
+    return out
+
+
+def collect(exp: str, root: str, cells: list[Cell], extras: list[tuple[str, Path, list[int]]] = ()) -> dict:
+    """Each cell's test metrics at its K, read by ktm.report (checksums checked), the --extra runs' rows
+    after them, and merge's gain."""
+    from ktm.training.run_folder import run_path
+
     rows = []
-    for cell, run in zip(cells, runs):
-        metrics = groups[run.name]["splits"].get("test", {}).get(f"k{cell.k}")
+    for cell in cells:
+        run = run_path(root, exp, cell.run)
+        metrics = _test_rows(run, [cell.k]).get(cell.k)
         if not metrics:
             raise KTMError(f"run {run} has no test results at K={cell.k}",
                            f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}")
-        doc = read_json(run / "metrics.json", "metrics file")  # what the cell's training cost: same budget, same stopping rule
-        rows.append({"compressor": cell.compressor, "k": cell.k, "run": f"{exp}/{run.name}", "steps": doc.get("global_step"),
-                     "fit_seconds": doc.get("wall_seconds", {}).get("fit"), **{key: s["mean"] for key, s in metrics.items()}})
-    first = groups[runs[0].name]
+        rows.append(_cost_row(cell.compressor, cell.k, exp, run, metrics))
+    for label, run, ks in extras:
+        method = label.split(" (", 1)[0]
+        rows += [{**_cost_row(label, k, exp, run, metrics), "method": method, "extra": True}
+                 for k, metrics in _test_rows(run, ks).items()]
+    first = next(iter(summarize([run_path(root, exp, cells[0].run) if cells else extras[0][1]], COLUMNS).values()))
     return {"experiment": exp, "benchmark": first["benchmark"], "task": first["task"], "split": "test",
             "cells": rows, "merge_gain": merge_gain(rows)}
+
+
+def _cost_row(label: str, k: int, exp: str, run: Path, metrics: dict) -> dict:
+    doc = read_json(run / "metrics.json", "metrics file")  # what the run's training cost: same budget, same stopping rule
+    return {"compressor": label, "k": k, "run": f"{exp}/{run.name}", "steps": doc.get("global_step"),
+            "fit_seconds": doc.get("wall_seconds", {}).get("fit"), **metrics}
 
 
 def render(results: dict) -> str:
@@ -290,9 +336,11 @@ def render(results: dict) -> str:
     if results["merge_gain"]:
         lines += ["merge's P-L F1 against the strongest baseline (the highest P-L F1 of the other methods at the same K):", "",
                   "| K | merge | strongest baseline | its P-L F1 | merge's relative gain |", "|---|---|---|---|---|"]
-        for k, g in results["merge_gain"].items():
+        for key, g in results["merge_gain"].items():
             gain = "-" if g["relative"] is None else f"{g['relative']:+.1%}"
-            lines.append(f"| {k} | {_fmt(g['merge'])} | `{g['baseline']}` | {_fmt(g['baseline_pl_f1'])} | {gain} |")
+            k = g.get("k", key)
+            merge = _fmt(g["merge"]) + ("" if g.get("method", "merge") == "merge" else f" ({g['method']})")
+            lines.append(f"| {k} | {merge} | `{g['baseline']}` | {_fmt(g['baseline_pl_f1'])} | {gain} |")
         lines.append("")
     return "\n".join(lines + ["![quality vs compression L](pareto.png)"])
 
@@ -344,7 +392,8 @@ def pareto_figure(results: dict):
                color=color[m], label=m)
     ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
     ax.set_ylabel("P-L F1 = 2PL / (P + L)")
-    gains = [f"K={k}: {g['relative']:+.1%} vs {g['baseline']}" for k, g in results["merge_gain"].items() if g["relative"] is not None]
+    gains = [f"K={g.get('k', key)}{'' if g.get('method', 'merge') == 'merge' else ' ' + g['method']}: {g['relative']:+.1%} vs {g['baseline']}"
+             for key, g in results["merge_gain"].items() if g["relative"] is not None]
     ax.set_title("merge's P-L F1 gain over the strongest baseline\n" + ("; ".join(gains) or "(no merge and baseline at one K)"), fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
@@ -370,6 +419,7 @@ def main(argv: list[str]) -> None:
     schedule = experiment_curriculum(a.exp)
     cells = plan_cells(compressors, ks, a.baseline_schedule)
     steps = [plan_cell(c, a.exp, a.root, schedule, args) for c in cells]  # every folder checked before any cell runs
+    extras = extra_runs(a.exp, a.root, a.extra, ks)
     for s in steps:
         print(f"ktm compare: {s.cell.run}: {s.state} ({s.why})")
     if a.dry_run:
@@ -378,7 +428,7 @@ def main(argv: list[str]) -> None:
                 print(shlex.join(["ktm", *command]))
         return
     run_plan(steps)
-    results = collect(a.exp, a.root, cells)
+    results = collect(a.exp, a.root, cells, extras)
     results["command"] = shlex.join(["ktm", "compare", *argv])
     results["baseline_schedule"] = a.baseline_schedule
     out = Path(a.root) / "compare" / (a.exp + ("_curriculum" if a.baseline_schedule == "curriculum" else ""))

@@ -226,6 +226,42 @@ def test_report_and_pareto_plot_from_finished_cells(finished, capsys):
     assert out.count(": reuse (its metrics.json has test results at K=") == 4 and "ktm compare: [" not in out  # nothing ran
 
 
+def test_extra_runs_are_rows_of_their_own_with_their_own_gain(finished, capsys):
+    extra = finished / EXP / "read_init_s0"  # a merge started elsewhere (e.g. --model.init_from), not trained by compare
+    extra.mkdir(parents=True)
+    write_json(extra / "metrics.json", _metrics("merge", 4, 0.8125, 0.8, 0.8))
+    code = cli_main(["compare", "--exp", EXP, "--root", str(finished), "--compressors", "merge", "none", "truncate_tail",
+                     "mean_pool", "--extra", "read_init_s0"])
+    assert code == 0
+    results = json.loads((finished / "compare" / EXP / "results.json").read_text())
+    row = results["cells"][-1]
+    assert (row["compressor"], row["method"], row["k"], row["balanced_accuracy"], row["extra"]) == (
+        "merge (read_init_s0)", "merge", 4, 0.8, True)
+    gains = results["merge_gain"]
+    assert gains["4"]["relative"] == pytest.approx(0.2)  # the merge cell's gain is unchanged by the extra row
+    extra_gain = gains["4 merge (read_init_s0)"]
+    assert extra_gain["baseline"] == "mean_pool" and extra_gain["relative"] == pytest.approx(0.8 / 0.625 - 1)
+    md = (finished / "compare" / EXP / "results.md").read_text()
+    assert f"| merge (read_init_s0) | 4 | 0.812 | 0.800 | 0.625 | 0.750 | 0.800 | 100 | `{EXP}/read_init_s0` |" in md
+    assert "| 4 | 0.800 (merge (read_init_s0)) | `mean_pool` | 0.625 | +28.0% |" in md
+    assert "ktm compare: [" not in capsys.readouterr().out  # nothing ran: the extra run is read, not trained
+
+
+@pytest.mark.parametrize("doc, message", [
+    (None, "has no metrics.json -> finish it first (ktm fit, then ktm test), or drop other from --extra"),
+    (_metrics("merge", 4, 0.5, 0.5, 0.6, test=False), "has no test results at K=4 -> run ktm test --config "),
+])
+def test_an_extra_run_that_cannot_be_read_is_one_line_before_anything_runs(root, doc, message, capsys):
+    folder = root / EXP / "other"
+    folder.mkdir(parents=True)
+    if doc is not None:
+        write_json(folder / "metrics.json", doc)
+    assert cli_main(["compare", "--exp", EXP, "--root", str(root), "--compressors", "merge", "--extra", "other"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (root / EXP / "cmp_merge_k4").exists()  # refused before any cell was planned into a folder
+
+
 def test_perplexity_cells_use_ppl1_over_ppl(tmp_path):
     def doc(compressor, k, ppl, performance, f1):
         row = {"perplexity": ppl, "perplexity_uncompressed": 1.2, "performance": performance, "compression": 0.0 if k == 1 else 0.5,

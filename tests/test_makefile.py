@@ -50,3 +50,14 @@ def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
     assert lines[-1] == ".venv/bin/ktm report checkpoints/amazon_k4"
 
+
+
+def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
+    lines = _ktm(_dry("train", "EXP=amazon_k4", "READ=read_k4"))
+    made, fit = lines[0], lines[1]
+    # made only when its export is missing: a finished reading run is reused by every task run
+    assert made.startswith("test -f checkpoints/read_k4/default/export/ktm.json || { .venv/bin/ktm fit --exp read_k4 --run default ")
+    assert "ktm test --config checkpoints/read_k4/default/config.yaml" in made
+    assert fit == ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
+    (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "SEEDS=0 1")) if line.startswith("for s")]
+    assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())

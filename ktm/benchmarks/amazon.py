@@ -98,6 +98,9 @@ def _causes(exc: BaseException) -> Iterable[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+_FALLBACK_WARNED: set[str] = set()  # hub files whose offline fallback was already logged
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     """True when the failure (or anything in its cause chain) is a network failure or offline mode."""
     return any(
@@ -216,8 +219,12 @@ class Amazon(SentimentBenchmark):
             self._warn_fallback(exc)
             return self._build_offline()
 
-    @staticmethod
-    def _warn_fallback(exc: Exception) -> None:
+    def _warn_fallback(self, exc: Exception) -> None:
+        # once per hub file and process: fit's and test's data setup both load, and a repeated line reads
+        # like a second, different problem
+        if self.hub_location() in _FALLBACK_WARNED:
+            return
+        _FALLBACK_WARNED.add(self.hub_location())
         log.warning(
             "amazon: the hub is unreachable (%s); using the OFFLINE Hu & Liu review sentences instead of the "
             "paper's Amazon Reviews 2023 (set data.benchmark_args.source: hub to make this an error)",
