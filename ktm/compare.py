@@ -394,9 +394,11 @@ def pareto_figure(results: dict):
     ax.set_ylabel("P-L F1 = 2PL / (P + L)")
     gains = [f"K={g.get('k', key)}{'' if g.get('method', 'merge') == 'merge' else ' ' + g['method']}: {g['relative']:+.1%} vs {g['baseline']}"
              for key, g in results["merge_gain"].items() if g["relative"] is not None]
-    ax.set_title("merge's P-L F1 gain over the strongest baseline\n" + ("; ".join(gains) or "(no merge and baseline at one K)"), fontsize=9)
+    ax.set_title("merge's P-L F1 gain over the strongest baseline\n" + ("\n".join(gains) or "(no merge and baseline at one K)"), fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    tallest = max((_value(r, "pl_f1") for r in rows if r["compressor"] != "none" and r.get("pl_f1") is not None), default=1.0)
+    ax.set_ylim(0, 1.45 * tallest)  # headroom above the bars for the legend
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
     fig.suptitle(f"{results['experiment']} ({results['benchmark']}, {results['split']} split): quality vs compression; "
                  "K=1 = the uncompressed run, shared by every line", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
