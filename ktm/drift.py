@@ -93,16 +93,23 @@ def drift_table(result: dict, max_drift: float) -> str:
     return "\n".join(lines)
 
 
+def data_key(data: str) -> str:
+    """What names the texts of --data: a reading: spec as written, a path as its absolute form (the same
+    file named relatively and absolutely is the same data)."""
+    return data if data.startswith(READING) else str(Path(data).expanduser().resolve())
+
+
 def read_versus(path: str, data: str, field: str, prefix_tokens: int, continuation_tokens: int) -> dict:
     """Another `ktm eval --json` result to compare with: it must have scored the same windows."""
     other = read_json(path, "--versus file")
     if not isinstance(other, dict) or not isinstance(other.get("nll_per_text"), dict):
         raise KTMError(f"--versus file {path} is not a `ktm eval --json` result (no nll_per_text)",
                        "pass a file that `ktm eval ... --json FILE` wrote")
-    mine = {"data": data, "field": field, "prefix_tokens": prefix_tokens, "continuation_tokens": continuation_tokens}
+    mine = {"data": data_key(data), "field": field, "prefix_tokens": prefix_tokens, "continuation_tokens": continuation_tokens}
+    theirs = {**other, "data": other.get("data_key") or data_key(str(other.get("data", "")))}  # files before data_key: resolved here
     for key, value in mine.items():
-        if other.get(key) != value:
-            raise KTMError(f"--versus file {path} scored other windows ({key} {other.get(key)!r}, here {value!r})",
+        if theirs.get(key) != value:
+            raise KTMError(f"--versus file {path} scored other windows ({key} {theirs.get(key)!r}, here {value!r})",
                            "compare evaluations of the same --data, --field, --prefix-tokens and --continuation-tokens")
     return other
 
@@ -191,6 +198,6 @@ def main(argv: list[str]) -> int:
     if a.json:
         for r in result["per_k"]:
             r["status"] = "ABOVE" if r["drift"] > a.max_drift else "OK"
-        write_json(a.json, {**result, "ckpt": str(a.ckpt), "data": str(a.data), "field": a.field, "max_drift": a.max_drift,
+        write_json(a.json, {**result, "ckpt": str(a.ckpt), "data": str(a.data), "data_key": data_key(a.data), "field": a.field, "max_drift": a.max_drift,
                             "status": "ABOVE" if above else "OK", **({"versus": versus} if versus else {})})
     return 1 if above else 0

@@ -152,6 +152,19 @@ def test_versus_compares_two_evaluations_of_the_same_windows(export, data, tmp_p
     assert "is not a `ktm eval --json` result (no nll_per_text)" in _one_error_line(capsys)
 
 
+def test_versus_takes_the_same_file_named_relatively(export, data, tmp_path, monkeypatch, capsys):
+    first = tmp_path / "a.json"
+    window = ["--ckpt", str(export), "--ks", "4", "--max-drift", "1e9", *CLI_WINDOW]
+    assert main(["eval", "--data", str(data), *window, "--json", str(first)]) == 0
+    monkeypatch.chdir(data.parent)
+    assert main(["eval", "--data", data.name, *window, "--versus", str(first)]) == 0  # the same file: not refused
+    assert "| 1.000 [1.000–1.000] |" in capsys.readouterr().out
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    assert main(["eval", "--data", str(other), *window, "--versus", str(first)]) == 2  # another file: refused
+    assert "scored other windows (data " in _one_error_line(capsys)
+
+
 def test_cli_exit_codes_follow_the_threshold(export, data, capsys):
     # K=1 against itself has no drift: OK at a zero threshold; any drift (> -1 always) is above -1.
     assert main(["eval", "--ckpt", str(export), "--data", str(data), "--ks", "1", "--max-drift", "1e-6", *CLI_WINDOW]) == 0

@@ -29,6 +29,14 @@ def download_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ktm-cache")
 
 
+@pytest.fixture(autouse=True)
+def _fallback_warnings_unseen(monkeypatch):
+    """The offline-fallback line is logged once per process: every test starts as a fresh process would."""
+    import ktm.benchmarks.amazon as amazon
+
+    monkeypatch.setattr(amazon, "_FALLBACK_WARNED", set())
+
+
 @pytest.fixture
 def env(tmp_path, download_cache, monkeypatch) -> Path:
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
@@ -170,10 +178,7 @@ def test_auto_uses_hub_when_reachable(hub, caplog):
 
 
 def test_auto_falls_back_to_offline_with_warning(env, monkeypatch, caplog):
-    import ktm.benchmarks.amazon as amazon
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(amazon, "_FALLBACK_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="ktm"):
         splits = get_benchmark("amazon", source="auto").load("all")
         get_benchmark("amazon", source="auto").load("all")  # fit's and test's setup both load: one line, not two
