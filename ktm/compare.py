@@ -48,7 +48,7 @@ from pathlib import Path
 
 from ktm.errors import Interrupted, KTMError, OneLineParser
 from ktm.io import read_json, write_json, write_text, write_with
-from ktm.report import CLASSIFICATION_COLUMNS, PERPLEXITY_COLUMNS, _fmt, group_of, summarize
+from ktm.report import CLASSIFICATION_COLUMNS, PERPLEXITY_COLUMNS, _fmt, task_of
 
 
 COLUMNS = {"classification": CLASSIFICATION_COLUMNS, "perplexity": PERPLEXITY_COLUMNS}
@@ -261,15 +261,32 @@ def merge_gain(rows: list[dict]) -> dict:
     return out
 
 
-def _test_rows(run: Path, ks: list[int]) -> dict[int, dict]:
-    """The run's test metrics (the columns of its task) at each of `ks` it has, checksums checked."""
-    group = summarize([run], COLUMNS)[group_of(run)[0]]
-    tested = group["splits"].get("test", {})
-    return {k: {key: s["mean"] for key, s in tested[f"k{k}"].items()} for k in ks if tested.get(f"k{k}")}
+def _test_metrics(doc: dict, k: int) -> dict:
+    """A metrics.json's test row at K, in the columns of its task (empty when it has none)."""
+    row = (doc.get("test") or {}).get(f"k{k}") or {}
+    return {key: row[key] for _, key in COLUMNS[task_of(doc, COLUMNS)] if row.get(key) is not None}
 
 
-def extra_runs(exp: str, root: str, names: list[str], ks: list[int]) -> list[tuple[str, Path, list[int]]]:
-    """(label, folder, its compared K) of each --extra run; checked before any cell runs."""
+@dataclass(frozen=True)
+class Extra:
+    """An --extra run: its folder, its metrics.json (read once, checksum checked) and the compared K it has."""
+
+    name: str
+    run: Path
+    doc: dict
+    ks: list[int]
+
+    @property
+    def compressor(self) -> str:
+        return (self.doc.get("model") or {}).get("compressor", "merge")
+
+    @property
+    def label(self) -> str:
+        return f"{self.compressor} ({self.name})"
+
+
+def extra_runs(exp: str, root: str, names: list[str], ks: list[int]) -> list[Extra]:
+    """Each --extra run with its test results at the compared K; checked before any cell runs."""
     from ktm.training.run_folder import run_path
 
     out = []
@@ -278,39 +295,39 @@ def extra_runs(exp: str, root: str, names: list[str], ks: list[int]) -> list[tup
         if not (run / "metrics.json").is_file():
             raise KTMError(f"--extra run {run} has no metrics.json", f"finish it first (ktm fit, then ktm test), or drop {name} from --extra")
         doc = read_json(run / "metrics.json", "metrics file")
-        mine = [k for k in ks if k > 1 and (doc.get("test") or {}).get(f"k{k}")]
+        mine = [k for k in ks if k > 1 and _test_metrics(doc, k)]
         if not mine:
             raise KTMError(f"--extra run {run} has no test results at K={', '.join(str(k) for k in ks if k > 1)}",
                            f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}, or pass its K in --ks")
-        compressor = (doc.get("model") or {}).get("compressor", "merge")
-        out.append((f"{compressor} ({name})", run, mine))
+        out.append(Extra(name, run, doc, mine))
     return out
 
 
-def collect(exp: str, root: str, cells: list[Cell], extras: list[tuple[str, Path, list[int]]] = ()) -> dict:
-    """Each cell's test metrics at its K, read by ktm.report (checksums checked), the --extra runs' rows
-    after them, and merge's gain."""
+def collect(exp: str, root: str, cells: list[Cell], extras: list[Extra] = ()) -> dict:
+    """Each cell's test metrics at its K (its metrics.json read once, checksum checked), the --extra runs'
+    rows after them, and merge's gain."""
     from ktm.training.run_folder import run_path
 
-    rows = []
+    rows, docs = [], []
     for cell in cells:
         run = run_path(root, exp, cell.run)
-        metrics = _test_rows(run, [cell.k]).get(cell.k)
+        doc = read_json(run / "metrics.json", "metrics file")
+        metrics = _test_metrics(doc, cell.k)
         if not metrics:
             raise KTMError(f"run {run} has no test results at K={cell.k}",
                            f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}")
-        rows.append(_cost_row(cell.compressor, cell.k, exp, run, metrics))
-    for label, run, ks in extras:
-        method = label.split(" (", 1)[0]
-        rows += [{**_cost_row(label, k, exp, run, metrics), "method": method, "extra": True}
-                 for k, metrics in _test_rows(run, ks).items()]
-    first = next(iter(summarize([run_path(root, exp, cells[0].run) if cells else extras[0][1]], COLUMNS).values()))
-    return {"experiment": exp, "benchmark": first["benchmark"], "task": first["task"], "split": "test",
-            "cells": rows, "merge_gain": merge_gain(rows)}
+        rows.append(_row(cell.compressor, cell.k, exp, run, doc, metrics))
+        docs.append(doc)
+    for extra in extras:
+        rows += [{**_row(extra.label, k, exp, extra.run, extra.doc, _test_metrics(extra.doc, k)), "method": extra.compressor,
+                  "extra": True} for k in extra.ks]
+        docs.append(extra.doc)
+    return {"experiment": exp, "benchmark": (docs[0].get("data") or {}).get("benchmark"), "task": task_of(docs[0], COLUMNS),
+            "split": "test", "cells": rows, "merge_gain": merge_gain(rows)}
 
 
-def _cost_row(label: str, k: int, exp: str, run: Path, metrics: dict) -> dict:
-    doc = read_json(run / "metrics.json", "metrics file")  # what the run's training cost: same budget, same stopping rule
+def _row(label: str, k: int, exp: str, run: Path, doc: dict, metrics: dict) -> dict:
+    """One report row: the method, its K and test metrics, and what its training cost (same budget, same stopping rule)."""
     return {"compressor": label, "k": k, "run": f"{exp}/{run.name}", "steps": doc.get("global_step"),
             "fit_seconds": doc.get("wall_seconds", {}).get("fit"), **metrics}
 
@@ -336,11 +353,10 @@ def render(results: dict) -> str:
     if results["merge_gain"]:
         lines += ["merge's P-L F1 against the strongest baseline (the highest P-L F1 of the other methods at the same K):", "",
                   "| K | merge | strongest baseline | its P-L F1 | merge's relative gain |", "|---|---|---|---|---|"]
-        for key, g in results["merge_gain"].items():
+        for g in results["merge_gain"].values():
             gain = "-" if g["relative"] is None else f"{g['relative']:+.1%}"
-            k = g.get("k", key)
-            merge = _fmt(g["merge"]) + ("" if g.get("method", "merge") == "merge" else f" ({g['method']})")
-            lines.append(f"| {k} | {merge} | `{g['baseline']}` | {_fmt(g['baseline_pl_f1'])} | {gain} |")
+            merge = _fmt(g["merge"]) + ("" if g["method"] == "merge" else f" ({g['method']})")
+            lines.append(f"| {g['k']} | {merge} | `{g['baseline']}` | {_fmt(g['baseline_pl_f1'])} | {gain} |")
         lines.append("")
     return "\n".join(lines + ["![quality vs compression L](pareto.png)"])
 
@@ -392,8 +408,8 @@ def pareto_figure(results: dict):
                color=color[m], label=m)
     ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
     ax.set_ylabel("P-L F1 = 2PL / (P + L)")
-    gains = [f"K={g.get('k', key)}{'' if g.get('method', 'merge') == 'merge' else ' ' + g['method']}: {g['relative']:+.1%} vs {g['baseline']}"
-             for key, g in results["merge_gain"].items() if g["relative"] is not None]
+    gains = [f"K={g['k']}{'' if g['method'] == 'merge' else ' ' + g['method']}: {g['relative']:+.1%} vs {g['baseline']}"
+             for g in results["merge_gain"].values() if g["relative"] is not None]
     ax.set_title("merge's P-L F1 gain over the strongest baseline\n" + ("\n".join(gains) or "(no merge and baseline at one K)"), fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     tallest = max((_value(r, "pl_f1") for r in rows if r["compressor"] != "none" and r.get("pl_f1") is not None), default=1.0)

@@ -132,6 +132,12 @@ def reference_for(name: str, groups: dict) -> str | None:
     return next((ref for ref in order if ref in groups), None)
 
 
+def task_of(doc: dict, columns: dict) -> str:
+    """The task of a metrics.json whose columns `columns` knows; anything else reads as perplexity."""
+    task = (doc.get("data") or {}).get("task")
+    return task if task in columns else "perplexity"
+
+
 def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
     """The runs of one experiment folder by group: runs, seeds, task and the stats per split and K of the
     metrics in `columns` ({task: [(title, key)]}; `ktm compare` asks for every column of `render`'s)."""
@@ -143,8 +149,8 @@ def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
     for name, pairs in sorted(members.items()):
         pairs.sort(key=lambda p: (p[0] or 0, p[1].name))
         docs = {run.name: read_json(run / "metrics.json", "metrics file") for _, run in pairs}
-        data = next(iter(docs.values())).get("data", {})
-        task = data.get("task") if data.get("task") in columns else "perplexity"
+        first = next(iter(docs.values()))
+        data, task = first.get("data", {}), task_of(first, columns)
         groups[name] = {"runs": list(docs), "seeds": [seed for seed, _ in pairs if seed is not None], "task": task,
                         "benchmark": data.get("benchmark"),
                         "splits": aggregate(docs, [key for _, key in columns[task]])}
