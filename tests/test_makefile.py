@@ -27,14 +27,21 @@ def test_install_uses_the_constraints():
     assert '-c constraints.txt -e ".[test]" "torch==2.13.0"' in pip[1]
 
 
-def test_train_without_seeds_is_one_run():
+def test_train_without_seeds_is_one_run_from_the_default_reading_checkpoint():
     assert _ktm(_dry("train")) == [
-        ".venv/bin/ktm fit --exp tree_k4 --run default ",
+        "test -f checkpoints/read_k1248/default/export/ktm.json || .venv/bin/ktm fit --exp read_k1248 --run default",
+        ".venv/bin/ktm fit --exp tree_k4 --run default --model.init_from=checkpoints/read_k1248/default/export ",
         ".venv/bin/ktm test --config checkpoints/tree_k4/default/config.yaml --ckpt_path checkpoints/tree_k4/default/checkpoints/last.ckpt"]
 
 
+@pytest.mark.parametrize("args", [("READ=",), ("EXP=amazon_k4",)])
+def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
+    lines = _ktm(_dry("train", *args))
+    assert len(lines) == 2 and "init_from" not in lines[0] and "read_k" not in " ".join(lines)
+
+
 def test_train_with_seeds_runs_each_into_its_folder():
-    (loop, report) = _ktm(_dry("train", "SEEDS=0 1 2", "RUN=r", "ARGS=--model.ks=[1,4]"))
+    (loop, report) = _ktm(_dry("train", "SEEDS=0 1 2", "RUN=r", "READ=", "ARGS=--model.ks=[1,4]"))
     assert loop.startswith("for s in 0 1 2; do ") and loop.endswith("|| exit 1; done")
     assert ".venv/bin/ktm fit --exp tree_k4 --run r_s$s  --seed_everything=$s --data.seed=$s --model.ks=[1,4] &&" in loop
     assert "--config checkpoints/tree_k4/r_s$s/config.yaml --ckpt_path checkpoints/tree_k4/r_s$s/checkpoints/last.ckpt" in loop
@@ -56,8 +63,8 @@ def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it()
     lines = _ktm(_dry("train", "EXP=amazon_k4", "READ=read_k4"))
     made, fit = lines[0], lines[1]
     # made only when its export is missing: a finished reading run is reused by every task run
-    assert made.startswith("test -f checkpoints/read_k4/default/export/ktm.json || { .venv/bin/ktm fit --exp read_k4 --run default ")
-    assert "ktm test --config checkpoints/read_k4/default/config.yaml" in made
+    # fit only: make train's first run pays the reading fit, not its held-out test as well
+    assert made == "test -f checkpoints/read_k4/default/export/ktm.json || .venv/bin/ktm fit --exp read_k4 --run default"
     assert fit == ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
