@@ -11,10 +11,11 @@ SEEDS      ?=
 COMPRESSORS ?=
 ARGS       ?=
 # READ: a reading experiment (read_k4, read_k1248, ...) whose checkpoint the task starts from. Made once
-# into checkpoints/$(READ)/default (fit only: ~28 min for read_k1248 on 2 cores) when its export is missing,
-# then reused by every run. Experiments with a READ_DEFAULT below start from it unless given READ= (empty).
+# into checkpoints/$(READ)/default when its export is missing (fit only: read_k1248 15 min on 2 cores with
+# bf16, 28 in float32 on AVX2), then reused by every run. Experiments with a READ_DEFAULT below start from
+# it unless given READ= (empty).
 # tree_k4: fully merged K=4 learns the tree in make train's budget only from a reading start (README
-# Results: 0.50 test balanced from scratch in a fresh clone, 0.75-0.89 from read_k1248).
+# Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248).
 READ_DEFAULT_tree_k4 := read_k1248
 READ       ?= $(READ_DEFAULT_$(EXP))
 BIN        := $(VENV)/bin

@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     # left in eval mode by from_pretrained (a frozen model needs no dropout); the LoRA and encoder modules
     # train. It fires on every fit, so it would only ever be noise.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # "Precision bf16-mixed is not supported by the model summary": only the summary's size estimate in MB
+    # is affected, and every fit on a bf16 CPU (the default there) would print it.
+    warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(__doc__)
