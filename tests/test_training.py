@@ -261,3 +261,45 @@ def test_a_mixed_k_entry_watches_every_k_encoder(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/k2/encoder_correction_ratio", "train/k4/encoder_correction_ratio"} <= tags
+
+
+@pytest.mark.parametrize("step, warmup, planned, share, factor", [
+    (0, 0, 1000, 0.0, 1.0),        # constant: the paper
+    (999, 0, 1000, 0.0, 1.0),
+    (0, 4, 1000, 0.0, 0.25),       # warm-up alone
+    (3, 4, 1000, 0.0, 1.0),
+    (699, 0, 1000, 0.3, 1.0),      # stable until the decay's first step
+    (700, 0, 1000, 0.3, 1.0),
+    (850, 0, 1000, 0.3, 0.5),      # halfway down
+    (999, 0, 1000, 0.3, 1 / 300),  # the last planned step still trains
+    (1000, 0, 1000, 0.3, 0.0),     # past the plan: nothing left
+    (0, 4, 8, 1.0, 0.25),          # warm-up and decay overlap: the smaller wins
+    (500, 0, float("inf"), 0.3, 1.0),  # no planned end (max_time only): no decay
+])
+def test_lr_factor(step, warmup, planned, share, factor):
+    from ktm.training.module import lr_factor
+
+    assert lr_factor(step, warmup, planned, share) == pytest.approx(factor)
+
+
+def test_lr_decay_reaches_every_group_at_the_planned_steps(tmp_path):
+    """2 epochs of 4 steps = 8 planned steps; decay over the last 6: the per-K LoRA lr (set at each step) and the
+    encoder lr (the scheduler's) both follow min(1, (8 - step) / 6), logged at every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ktm.errors import KTMError
+    from ktm.training.module import KTMModule
+
+    root = str(tmp_path / "runs")
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "decay", "--trainer.max_epochs=2", *TINY,
+                 "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_lora={1: 1.0e-3, 2: 3.0e-4}",
+                 "--model.lr_encoder=1.0e-4", "--model.lr_decay_share=0.75"]) == 0
+    acc = EventAccumulator(str(tmp_path / "runs" / "tree_k4" / "decay"))
+    acc.Reload()
+    factors = [min(1.0, (8 - s) / 6) for s in range(8)]
+    lora = [e.value for e in sorted(acc.Scalars("train/lr/lora"), key=lambda e: e.step)]
+    encoder = [e.value for e in sorted(acc.Scalars("train/lr/encoder"), key=lambda e: e.step)]
+    assert lora == pytest.approx([(1e-3 if s < 4 else 3e-4) * f for s, f in enumerate(factors)])
+    assert encoder == pytest.approx([1e-4 * f for f in factors])
+    with pytest.raises(KTMError, match=r"model.lr_decay_share must be a number in \[0, 1\], got 1.5"):
+        KTMModule(base="config:tiny-llama", ks=[1, 2], lr_decay_share=1.5)

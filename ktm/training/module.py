@@ -39,6 +39,7 @@ class KTMModule(L.LightningModule):
         lr_encoder: float | dict[int, float] = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_decay_share: float = 0.0,
         dtype: str = "float32",
         encoder_multiplier: float | None = None,
         encoder_bound: float | None = 1.0,
@@ -78,6 +79,10 @@ class KTMModule(L.LightningModule):
                 {2: 1.0e-3, 4: 1.0e-4} (a larger K's encoder is wider and diverges at a rate a smaller K needs).
             weight_decay: AdamW weight decay (both groups).
             warmup_steps: linear learning-rate warm-up steps, then constant.
+            lr_decay_share: the last share of the fit's planned steps (trainer.max_steps, or max_epochs x
+                batches per epoch, whichever is smaller) over which every learning rate falls linearly to 0
+                (warm-up, stable, decay); 0 = constant to the end (the paper). A run stopped earlier (max_time,
+                the curriculum's final threshold) stops wherever its decay had got to.
             dtype: weights dtype of the base (float32 on CPU; bfloat16 on GPU).
             encoder_multiplier: f in the hidden size h = int(f*K)*d (None = the paper's rule, see ktm.encoder).
             compressor: what the LM reads at length ~n/K (ktm.compressors): merge (the method), none,
@@ -138,6 +143,9 @@ class KTMModule(L.LightningModule):
             raise KTMError(f"model.budget_share must be a number in [0, 1], got {budget_share!r}",
                            "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
+        if isinstance(lr_decay_share, bool) or not isinstance(lr_decay_share, (int, float)) or not 0 <= lr_decay_share <= 1:
+            raise KTMError(f"model.lr_decay_share must be a number in [0, 1], got {lr_decay_share!r}",
+                           "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
@@ -235,7 +243,7 @@ class KTMModule(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 if group.get("name") == "lora":
-                    group["lr"] = self._lora_lrs[k] * warmup_factor(self.trainer.global_step, self.hparams.warmup_steps)
+                    group["lr"] = self._lora_lrs[k] * self.lr_factor(self.trainer.global_step)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
@@ -259,6 +267,8 @@ class KTMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/k{k}/loss", loss, batch_size=bs)
         self.log("train/k", float(k), prog_bar=True, batch_size=bs)
+        for group in self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []:
+            self.log(f"train/lr/{group.get('name', 'all')}", group["lr"], batch_size=bs)  # as scheduled (warm-up, decay, per K)
         if self.model.merge_policy == "budget":
             self.log("train/budget_step", float(policy == "budget"), batch_size=bs)
         # The first steps of each logging window, one per K of a mixed entry: at step % N == 0 alone, [2, 4]
@@ -393,8 +403,23 @@ class KTMModule(L.LightningModule):
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
         opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, self.hparams.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step))  # a function: LambdaLR saves no state for it
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The factor on every group's learning rate at optimizer step `step` (warm-up and decay)."""
+        return lr_factor(step, self.hparams.warmup_steps, self.planned_steps(), self.hparams.get("lr_decay_share", 0.0))
+
+    def planned_steps(self) -> float:
+        """Optimizer steps this fit is set to run: trainer.max_steps or max_epochs x batches per epoch, the
+        smaller (inf before the training data is set up, or when neither bounds the fit)."""
+        t = self._trainer
+        if t is None:
+            return math.inf
+        by_steps = t.max_steps if t.max_steps not in (None, -1) else math.inf
+        per_epoch = t.num_training_batches / max(t.accumulate_grad_batches, 1)
+        by_epochs = t.max_epochs * math.ceil(per_epoch) if t.max_epochs not in (None, -1) and math.isfinite(per_epoch) else math.inf
+        return min(by_steps, by_epochs)
 
     # -- checkpoints: trainable weights only + what they were trained with ---------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -484,9 +509,14 @@ def step_draw(step: int) -> float:
     return int.from_bytes(hashlib.blake2b(f"budget:{step}".encode(), digest_size=8).digest(), "big") / 2**64
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """The lr factor of optimizer step `step`: linear warm-up over `warmup_steps`, then 1."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, warmup_steps: int, planned_steps: float = math.inf, decay_share: float = 0.0) -> float:
+    """The lr factor of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then 1, then with
+    `decay_share` > 0 a linear fall over the last decay_share x planned_steps steps, reaching 0 at planned_steps
+    (the last planned step still trains, at 1/decay steps of the lr)."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if decay_share > 0 and math.isfinite(planned_steps):
+        factor = min(factor, max(0.0, (planned_steps - step) / (decay_share * planned_steps)))
+    return factor
 
 
 def _per_k(values: dict, name: str) -> dict[int, Any]:
