@@ -71,11 +71,12 @@ else
 endif
 
 ## the uncompressed reference beside the merged runs: make reference EXP=tree_k4 [SEEDS="0 1 2"] -> k1ref[_s<seed>]
-reference: install
+## it starts from the same reading checkpoint as make train (READ), so both spend the same budget before the task
+reference: install reading
 ifeq ($(strip $(SEEDS)),)
-	$(call fit_test,k1ref,$(REFERENCE_ARGS))
+	$(call fit_test,k1ref,$(REFERENCE_ARGS)$(INIT_ARGS))
 else
-	$(call per_seed,k1ref,$(REFERENCE_ARGS))
+	$(call per_seed,k1ref,$(REFERENCE_ARGS)$(INIT_ARGS))
 endif
 	$(BIN)/ktm report checkpoints/$(EXP)
 

@@ -56,7 +56,16 @@ def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
     assert ("--seed_everything=$s --data.seed=$s" in lines[0]) == bool(seeds)
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
     assert lines[-1] == ".venv/bin/ktm report checkpoints/amazon_k4"
+    assert "init_from" not in " ".join(lines)  # amazon_k4 has no default reading checkpoint
 
+
+def test_reference_starts_from_the_reading_checkpoint_of_make_train():
+    """The merged tree_k4 runs start from read_k1248: a K=1 reference from scratch would have less budget."""
+    lines = _ktm(_dry("reference"))
+    assert lines[0] == "test -f checkpoints/read_k1248/default/export/ktm.json || .venv/bin/ktm fit --exp read_k1248 --run default"
+    assert ("--run k1ref --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001 "
+            "--model.init_from=checkpoints/read_k1248/default/export") in lines[1]
+    assert "init_from" not in " ".join(_ktm(_dry("reference", "READ=")))
 
 
 def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
