@@ -11,8 +11,9 @@ SEEDS      ?=
 COMPRESSORS ?=
 ARGS       ?=
 # READ: a reading experiment (read_k4, read_k1248, ...) whose checkpoint the task starts from. Made once
-# into checkpoints/$(READ)/default when its export is missing (fit only: read_k1248 15 min on 2 cores with
-# bf16, 28 in float32 on AVX2), then reused by every run. Experiments with a READ_DEFAULT below start from
+# into checkpoints/$(READ)/default (fit only: read_k1248 15 min on 2 cores with bf16, 28 in float32 on AVX2),
+# then reused by every run while it was made with the experiment's current config (ktm fit --reuse; a
+# changed recipe is refused with the setting that differs). Experiments with a READ_DEFAULT below start from
 # it unless given READ= (empty).
 # tree_k4: fully merged K=4 learns the tree in make train's budget only from a reading start (README
 # Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248).
@@ -53,7 +54,7 @@ constraints:
 ## its held-out numbers: ktm test --config checkpoints/$(READ)/default/config.yaml --ckpt_path .../last.ckpt
 reading: install
 ifneq ($(strip $(READ)),)
-	test -f $(READ_DIR)/export/ktm.json || $(BIN)/ktm fit --exp $(READ) --run default
+	$(BIN)/ktm fit --exp $(READ) --run default --reuse
 endif
 
 ## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [READ=read_k4] [ARGS="--trainer.max_epochs=1"]

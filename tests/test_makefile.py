@@ -29,7 +29,7 @@ def test_install_uses_the_constraints():
 
 def test_train_without_seeds_is_one_run_from_the_default_reading_checkpoint():
     assert _ktm(_dry("train")) == [
-        "test -f checkpoints/read_k1248/default/export/ktm.json || .venv/bin/ktm fit --exp read_k1248 --run default",
+        ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
         ".venv/bin/ktm fit --exp tree_k4 --run default --model.init_from=checkpoints/read_k1248/default/export ",
         ".venv/bin/ktm test --config checkpoints/tree_k4/default/config.yaml --ckpt_path checkpoints/tree_k4/default/checkpoints/last.ckpt"]
 
@@ -62,7 +62,7 @@ def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
 def test_reference_starts_from_the_reading_checkpoint_of_make_train():
     """The merged tree_k4 runs start from read_k1248: a K=1 reference from scratch would have less budget."""
     lines = _ktm(_dry("reference"))
-    assert lines[0] == "test -f checkpoints/read_k1248/default/export/ktm.json || .venv/bin/ktm fit --exp read_k1248 --run default"
+    assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default --reuse"
     assert ("--run k1ref --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001 "
             "--model.init_from=checkpoints/read_k1248/default/export") in lines[1]
     assert "init_from" not in " ".join(_ktm(_dry("reference", "READ=")))
@@ -71,9 +71,9 @@ def test_reference_starts_from_the_reading_checkpoint_of_make_train():
 def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
     lines = _ktm(_dry("train", "EXP=amazon_k4", "READ=read_k4"))
     made, fit = lines[0], lines[1]
-    # made only when its export is missing: a finished reading run is reused by every task run
+    # made only when no finished run of its config is there (--reuse): a finished reading run is reused by every task run
     # fit only: make train's first run pays the reading fit, not its held-out test as well
-    assert made == "test -f checkpoints/read_k4/default/export/ktm.json || .venv/bin/ktm fit --exp read_k4 --run default"
+    assert made == ".venv/bin/ktm fit --exp read_k4 --run default --reuse"
     assert fit == ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())

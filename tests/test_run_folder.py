@@ -394,3 +394,33 @@ def test_overwrite_through_the_cli_trains_anew_beside_the_moved_run(trained, tmp
     assert list(run.glob("events.out.tfevents.*"))  # TensorBoard reopened in the new folder after the move
     assert "overwrite: false" in (run / "config.yaml").read_text()  # a later `--config` does not move it again
     assert not (run / LOCK_NAME).exists() and not (aside / LOCK_NAME).exists()
+
+
+def test_reuse_keeps_a_finished_run_of_the_same_config_and_refuses_another(trained, tmp_path, capsys, ktm_log):
+    """`make train READ=...` reuses the reading checkpoint with `ktm fit --reuse`: only while it was made with the
+    reading experiment's current config; a changed recipe is one line naming the setting, never a silent reuse."""
+    run = copy_run(trained, tmp_path)
+    root = str(run.parents[1])
+    before = snapshot(run)
+    same = ["fit", "--exp", "tree_k4", "--root", root, "--run", "r", *TINY, "--reuse"]
+    assert main(same) == 0
+    assert f"--reuse: {run} holds a finished run of this config; nothing to train" in ktm_log.text
+    assert main([*same, "--trainer.enable_progress_bar=true"]) == 0  # how progress shows is not the run
+    assert snapshot(run) == before
+    assert main([*same, "--model.lr_encoder=0.002"]) == 2
+    assert error_line(capsys) == (f"ktm: error: run folder {run} holds a finished run of another config: model.lr_encoder is 0.0001 "
+                                  "there, 0.002 now -> add --overwrite to make it again (the old run is moved aside, nothing is "
+                                  "deleted), or pick another --run")
+    assert snapshot(run) == before
+    # a setting newer than the saved config counts as its default there
+    saved = run / "config.yaml"
+    saved.write_text(saved.read_text().replace("  lr_decay_share: 0.3\n", ""))
+    assert main([*same, "--model.lr_decay_share=0.0"]) == 0
+    assert main([*same, "--model.lr_decay_share=0.3"]) == 2
+    assert "model.lr_decay_share is 0.0 there, 0.3 now" in error_line(capsys)
+    # no finished run (no export): the usual refusal with the resume command, and an empty folder trains
+    shutil.rmtree(run / "export")
+    assert main([*same, "--model.lr_decay_share=0.0"]) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "new", *TINY, "--reuse"]) == 0
+    assert (run.parent / "new" / "export" / "ktm.json").is_file()

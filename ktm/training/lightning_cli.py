@@ -25,7 +25,7 @@ from ktm.model import LoraSettings, check_settings
 from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, ValidateAtMaxSteps, run_dir
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
-from ktm.training.run_folder import SPECIAL_CKPT, RunFolder, check_name, eval_checkpoint, run_path
+from ktm.training.run_folder import SPECIAL_CKPT, RunFolder, check_name, eval_checkpoint, reusable, run_path
 
 log = logging.getLogger("ktm")
 
@@ -55,6 +55,8 @@ def run(argv: list[str]) -> None:
                 "reload_dataloaders_every_n_epochs": 1,
             },
         )
+    except Reused as exc:
+        log.info("--reuse: %s holds a finished run of this config; nothing to train (its export: %s)", exc.folder, exc.folder / "export")
     except MisconfigurationException as exc:  # Lightning's own verdict on trainer settings
         raise KTMError(f"invalid trainer setting: {' '.join(str(exc).split())[:240]}",
                        f"fix the trainer section of the config ({command} --help lists the options)") from None
@@ -66,6 +68,14 @@ def run(argv: list[str]) -> None:
     finally:
         for folder in claimed:
             folder.release()
+
+
+class Reused(Exception):
+    """`ktm fit --reuse` found a finished run of the same config in its folder: nothing to do."""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = folder
 
 
 class KTMArgumentParser(LightningArgumentParser):
@@ -184,6 +194,9 @@ class KTMCLI(LightningCLI):
         parser.add_argument("--experiment", default="ktm", help="experiment name: outputs under <root>/<experiment>/<run>/")
         parser.add_argument("--run", default="default", help="run name inside the experiment folder")
         parser.add_argument("--root", default="checkpoints", help="folder that holds all runs")
+        parser.add_argument("--reuse", action="store_true",
+                            help="when the run folder holds a finished run of this same config, keep it and exit 0 without "
+                                 "training; a finished run of another config is refused with the setting that differs")
         parser.add_argument("--overwrite", action="store_true",
                             help="fit into a run folder that holds a run: move the old run aside to <run>.old-<time> first "
                                  "(nothing is deleted; done when training starts)")
@@ -219,9 +232,25 @@ class KTMCLI(LightningCLI):
 
             cfg.trainer.precision = native_precision(cfg.trainer.get("accelerator") or "auto")
         overwrite, cfg.overwrite = bool(cfg.get("overwrite")), False  # a one-off: never saved into config.yaml
+        reuse, cfg.reuse = bool(cfg.get("reuse")), False
+        if reuse and self.subcommand == "fit" and not overwrite:
+            self._reuse(cfg)
         if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this command: the folder is rank zero's
             self.claimed.append(RunFolder.claim(cfg.root, cfg.experiment, cfg.run, command=self.command,
                                                 ckpt_path=cfg.get("ckpt_path"), overwrite=overwrite))
+
+    def _reuse(self, cfg) -> None:
+        """--reuse: stop here (Reused) when the run folder holds a finished run of this config (run_folder.reusable)."""
+        import yaml
+
+        parser = self._parser(self.subcommand)
+        config = cfg.clone()
+        config.ckpt_path = None  # as save_config writes it
+        new = yaml.safe_load(parser.dump(config, skip_none=False))
+        defaults = yaml.safe_load(parser.dump(parser.get_defaults(), skip_none=False, skip_validation=True))
+        folder = run_path(cfg.root, cfg.experiment, cfg.run)
+        if reusable(folder, new, defaults):
+            raise Reused(folder)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})

@@ -299,6 +299,55 @@ class RunLock:
         self._fd = None
 
 
+# -- reuse of a finished run ----------------------------------------------------------------------------
+
+# Settings that say where a run writes, how it shows progress or which command made it, not what it trains:
+# two configs that differ only in these make the same run.
+NOT_THE_RUN = ("root", "experiment", "run", "overwrite", "reuse", "ckpt_path", "trainer.logger", "trainer.default_root_dir",
+               "trainer.enable_progress_bar", "trainer.callbacks")
+_ABSENT = object()
+
+
+def config_difference(saved: dict, new: dict, defaults: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted name, saved value, new value) of the first setting on which two resolved configs differ, None when
+    they make the same run. A setting the saved config lacks (it predates it) counts as its default."""
+    for key in sorted(set(saved) | set(new), key=str):
+        name = f"{prefix}{key}"
+        if name in NOT_THE_RUN:
+            continue
+        default = defaults.get(key, _ABSENT) if isinstance(defaults, dict) else _ABSENT
+        theirs, ours = saved.get(key, default), new.get(key, _ABSENT)
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            found = config_difference(theirs, ours, default if isinstance(default, dict) else {}, f"{name}.")
+            if found:
+                return found
+        elif theirs != ours:
+            return name, theirs, ours
+    return None
+
+
+def reusable(folder: Path, new: dict, defaults: dict) -> bool:
+    """`ktm fit --reuse`: True when `folder` holds a finished run (its export) made with the config `new` (parsed
+    config.yaml dicts), False when it holds no finished run (the usual rules then apply: a half-finished one is
+    refused with its resume command); one line when it holds a finished run of another config."""
+    if not (folder / "export" / "ktm.json").is_file() or not (folder / "config.yaml").is_file():
+        return False
+    import yaml
+
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise KTMError(f"cannot read {folder / 'config.yaml'} to compare it ({' '.join(str(exc).split())[:120]})",
+                       "add --overwrite to make the run again (the old one is moved aside), or pick another --run") from None
+    found = config_difference(saved, new, defaults)
+    if found:
+        name, theirs, ours = found
+        shown = ("(absent)" if v is _ABSENT else " ".join(str(v).split())[:60] for v in (theirs, ours))
+        raise KTMError(f"run folder {folder} holds a finished run of another config: {name} is {next(shown)} there, {next(shown)} now",
+                       "add --overwrite to make it again (the old run is moved aside, nothing is deleted), or pick another --run")
+    return True
+
+
 # -- the folder ----------------------------------------------------------------------------------------
 
 
