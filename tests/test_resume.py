@@ -25,7 +25,7 @@ from ktm.io import verify
 
 TESTS = Path(__file__).resolve().parent
 # 32 examples / batch 8 = 4 steps per epoch, 2 epochs = 8 steps; a periodic checkpoint every 3 steps.
-ARGS = ["--exp", "tree_k4", "--model.base=config:tiny-llama", "--model.ks=[1,2]", "--data.k_schedule=[1,2]",
+ARGS = ["--exp", "tree_k4", "--model.base=config:tiny-llama", "--model.ks=[1,2]", "--data.k_schedule=[1,2]", "--model.lr_decay_share=0.5",
         "--data.benchmark_args={n_trees: 120}", "--data.max_train_examples=32", "--data.max_val_examples=16",
         "--data.max_test_examples=16", "--data.batch_size=8", "--trainer.max_epochs=2", "--trainer.max_time=null",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
