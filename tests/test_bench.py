@@ -16,7 +16,7 @@ from ktm.model import KTMModel, LoraSettings
 
 ARGS = ["--models", "tiny-llama", "--lengths", "32", "64", "--ks", "2", "4", "--batch", "1", "2",
         "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--train-length", "32", "--train-target-tokens", "4",
-        "--device", "cpu", "--threads", "1", "--peak-size", "64"]
+        "--device", "cpu", "--dtype", "float32", "--threads", "1", "--peak-size", "64"]  # float32 on every CPU
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +405,12 @@ def test_batch_merged_and_peak_options_parse_on_cpu():
     assert a.batch_sizes == [2] and a.merged is True and a.peak_size == 0
     with pytest.raises(KTMError, match="--peak-size must be >= 0"):
         bench.parse_args(["--models", "tiny-llama", "--device", "cpu", "--peak-size", "-1"])
+
+
+@pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native, dtype):
+    import ktm.environment
+
+    monkeypatch.setattr(ktm.environment, "cpu_has_native_bf16", lambda: native)
+    assert bench.parse_args(["--models", "tiny-llama", "--device", "cpu"]).dtype == dtype
+    assert bench.parse_args(["--models", "tiny-llama", "--device", "cpu", "--dtype", "float32"]).dtype == "float32"
