@@ -243,7 +243,7 @@ class KTMModule(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 if group.get("name") == "lora":
-                    group["lr"] = self._lora_lrs[k] * self.lr_factor(self.trainer.global_step)
+                    group["lr"] = self._lora_lrs[k] * self.lr_factor_at(self.trainer.global_step)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.trainer.global_step
@@ -403,10 +403,10 @@ class KTMModule(L.LightningModule):
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
         opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step))  # a function: LambdaLR saves no state for it
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor_at(step))  # a function: LambdaLR saves no state for it
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def lr_factor(self, step: int) -> float:
+    def lr_factor_at(self, step: int) -> float:
         """The factor on every group's learning rate at optimizer step `step` (warm-up and decay)."""
         return lr_factor(step, self.hparams.warmup_steps, self.planned_steps(), self.hparams.get("lr_decay_share", 0.0))
 
