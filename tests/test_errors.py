@@ -399,6 +399,18 @@ def test_missing_and_damaged_training_checkpoints(trained, tmp_path, capsys):
     assert "was not written by ktm (no 'ktm' metadata)" in error_line(capsys)
 
 
+def test_a_run_branched_from_a_checkpoint_trains_with_its_own_learning_rates(trained, tmp_path):
+    # LightningCLI let the checkpoint's hyperparameters override the command line: this branch trained with the
+    # old lr, and its config.yaml said so, silently.
+    run = copy_run(trained, tmp_path)
+    assert main(["fit", "--config", str(run / "config.yaml"), "--run", "branch", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                 "--trainer.max_epochs=2", "--model.lr_lora=0.0123", "--model.lr_encoder=0.0456"]) == 0
+    ckpt = torch.load(run.parent / "branch" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["lr_lora"] == 0.0123
+    assert {g["name"]: g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]} == {"lora": 0.0123, "encoder": 0.0456}
+    assert "lr_lora: 0.0123" in (run.parent / "branch" / "config.yaml").read_text()
+
+
 def test_checkpoint_of_another_k_or_base_is_refused_by_name(trained, tmp_path, capsys):
     _, run, base_a, base_b = trained
     ckpt = str(run / "checkpoints" / "last.ckpt")

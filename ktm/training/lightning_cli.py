@@ -212,9 +212,11 @@ class KTMCLI(LightningCLI):
         check_parsed_settings(self.config[sub] if sub else self.config)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters here (torch.load, weights_only) and
-        # silently lets them override the config: refuse a damaged file or a checkpoint of another
-        # model first, naming what differs.
+        # LightningCLI would read the checkpoint's hyperparameters here and let them override the config,
+        # silently: a run branched from a checkpoint with another lr (`--ckpt_path X --model.lr_lora=...`)
+        # trained with the old one. Here the config is what runs. A checkpoint must fit it (the model's shape
+        # and behaviour, module.CKPT_MUST_MATCH; a damaged or foreign file is refused, naming what differs);
+        # every other setting (learning rates, distillation, eval Ks) is the config's.
         sub = self.config.get("subcommand")
         if sub:
             cfg = self.config[sub]
@@ -222,7 +224,6 @@ class KTMCLI(LightningCLI):
                 default_to_last_checkpoint(cfg, self.command)
             if cfg.get("ckpt_path") and cfg.ckpt_path not in SPECIAL_CKPT:
                 check_checkpoint_fits(cfg.ckpt_path, cfg.model)
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -234,6 +234,18 @@ class KTMModule(L.LightningModule):
             log.info("K schedule moved from K=%s to K=%s: optimizer moments reset", self._k_entry, entry)
         self._k_entry = list(entry)
 
+    def on_train_start(self) -> None:
+        # A resumed or branched fit restores the optimizer and scheduler with the learning rates they were
+        # saved with; the config's are the ones to train with (a branch may change them). For a plain resume
+        # these are the same numbers, so resume stays bit-exact.
+        configured = self._configured_lrs()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for i, group in enumerate(scheduler.optimizer.param_groups):
+                base = configured.get(group.get("name"), group.get("initial_lr", group["lr"]))
+                group["initial_lr"] = scheduler.base_lrs[i] = base
+                group["lr"] = base * self.lr_factor_at(self.trainer.global_step)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._lora_lrs:
             return
@@ -390,15 +402,25 @@ class KTMModule(L.LightningModule):
                     self.log(f"test/k{k}/{name}", value, rank_zero_only=True, logger=False)
 
     # -- optimisation ----------------------------------------------------------------------------
+    def _configured_lrs(self) -> dict[str, float]:
+        """The configured learning rate of each optimizer group, by group name (before warm-up/decay; the LoRA
+        group's is the largest per-K lr, its per-step lr is set in on_train_batch_start)."""
+        lrs = {"lora": max(self._lora_lrs.values()) if self._lora_lrs else self.hparams.lr_lora}
+        if self._encoder_lrs:  # one group per K (one lr keeps the single group older checkpoints have)
+            lrs.update({f"encoder_k{k}": lr for k, lr in self._encoder_lrs.items()})
+        else:
+            lrs["encoder"] = self.hparams.lr_encoder
+        return lrs
+
     def configure_optimizers(self):
         groups = self.model.trainable_parameters()
-        lora_lr = max(self._lora_lrs.values()) if self._lora_lrs else self.hparams.lr_lora
-        param_groups = [{"params": groups["lora"], "lr": lora_lr, "name": "lora"}]
-        if self._encoder_lrs:  # one group per K (one lr keeps the single group older checkpoints have)
-            param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lr, "name": f"encoder_k{k}"}
-                             for k, lr in sorted(self._encoder_lrs.items()) if k in self.model.ks]
+        lrs = self._configured_lrs()
+        param_groups = [{"params": groups["lora"], "lr": lrs["lora"], "name": "lora"}]
+        if self._encoder_lrs:
+            param_groups += [{"params": list(self.model.encoders[str(k)].parameters()), "lr": lrs[f"encoder_k{k}"], "name": f"encoder_k{k}"}
+                             for k in sorted(self._encoder_lrs) if k in self.model.ks]
         else:
-            param_groups.append({"params": groups["encoder"], "lr": self.hparams.lr_encoder, "name": "encoder"})
+            param_groups.append({"params": groups["encoder"], "lr": lrs["encoder"], "name": "encoder"})
         param_groups = [g for g in param_groups if g["params"]]
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
