@@ -179,6 +179,10 @@ def test_check_count_is_the_one_rule_for_counts(value, minimum, allow_none, mess
     ("--data.k_schedule=[1,[]]", "data.k_schedule has an empty mixed entry"),
     ("--data.max_train_examples=-3", "data.max_train_examples must be a whole number >= 1 or null, got -3"),
     ("--trainer.max_epochs=-2x", "bad value for trainer.max_epochs: '-2x' is not a whole number or null"),
+    # the curriculum moves at each validation: validating every 2 epochs silently halved the K schedule's pace
+    ("--trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch=2: ktm validates once per epoch"),
+    ("--trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5: ktm validates once per epoch"),
+    ("--trainer.limit_val_batches=0", "trainer.limit_val_batches=0: without validation the K curriculum never moves"),
 ])
 def test_bad_settings_are_one_line(arg, message, capsys):
     assert main([*FAST_FAIL, arg]) == 2

@@ -210,6 +210,8 @@ class KTMCLI(LightningCLI):
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         check_parsed_settings(self.config[sub] if sub else self.config)
+        if sub == "fit":
+            check_validation_cadence(self.config[sub].trainer)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would read the checkpoint's hyperparameters here and let them override the config,
@@ -270,6 +272,22 @@ def check_parsed_settings(cfg) -> None:
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
                    m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score)
+
+
+def check_validation_cadence(trainer) -> None:
+    """The curriculum counts epochs and judges its thresholds at each validation (KTMModule.on_validation_epoch_end),
+    and a K schedule entry lasts data.epochs_per_k of them: validating less or more often than once per epoch
+    would stretch or squeeze the K schedule without a word, and never validating would stop it."""
+    every, interval, limit = (trainer.get(name) for name in ("check_val_every_n_epoch", "val_check_interval", "limit_val_batches"))
+    fix = "drop it: the K curriculum moves at each validation, once per epoch (make validation cheaper with data.max_val_examples)"
+    if every != 1:
+        raise KTMError(f"trainer.check_val_every_n_epoch={every}: ktm validates once per epoch, and the K schedule would move "
+                       f"at each validation instead of each epoch", fix)
+    if interval not in (None, 1.0):
+        raise KTMError(f"trainer.val_check_interval={interval}: ktm validates once per epoch, and the K schedule would move "
+                       "at each validation instead of each epoch", fix)
+    if limit == 0:
+        raise KTMError("trainer.limit_val_batches=0: without validation the K curriculum never moves", fix)
 
 
 def default_to_last_checkpoint(cfg, command: str) -> None:
