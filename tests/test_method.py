@@ -122,6 +122,28 @@ def test_batch_equals_single(tiny, k):
     assert not torch.isnan(together).any()
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_eager_attention_gives_the_sdpa_logits_and_gradients(tiny, k):
+    # training on CPU switches to eager attention (model.attention: null): the same model up to float rounding,
+    # padded batches included
+    ids = tiny.tokenize_prompts(PROMPTS)
+    assert tiny.attention == "sdpa"
+    outputs = {}
+    for kernel in ("sdpa", "eager"):
+        batch = tiny.build_batch(ids, k)
+        tiny.use_attention(kernel)
+        assert tiny.attention == kernel
+        tiny.zero_grad()
+        logits = tiny.forward(batch).logits
+        logits[batch.attention_mask.bool()].square().mean().backward()
+        lora_grads = [p.grad.clone() for p in tiny.trainable_parameters()["lora"]]
+        outputs[kernel] = (logits[batch.attention_mask.bool()].detach(), lora_grads)
+    torch.testing.assert_close(outputs["eager"][0], outputs["sdpa"][0], atol=1e-4, rtol=1e-4)
+    for eager, sdpa in zip(outputs["eager"][1], outputs["sdpa"][1]):
+        torch.testing.assert_close(eager, sdpa, atol=1e-4, rtol=1e-3)
+    assert any(g.abs().sum() > 0 for g in outputs["sdpa"][1])
+
+
 def test_pads_are_masked_and_positions_count_real_tokens(tiny):
     ids = tiny.tokenize_prompts(["ab", "abcdefghij"])
     b = tiny.build_batch(ids, 4)

@@ -605,7 +605,8 @@ class EpochLog(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.monotonic()
         if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
-            log.info("training in %s precision on %s", trainer.precision, trainer.accelerator.__class__.__name__)
+            log.info("training in %s precision on %s, %s attention", trainer.precision, trainer.accelerator.__class__.__name__,
+                     pl_module.model.attention)  # model.attention: null picks it per device too
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:

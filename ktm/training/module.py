@@ -24,6 +24,7 @@ from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_target
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
+ATTENTION = ("sdpa", "eager")  # model.attention (null: eager on CPU, sdpa elsewhere)
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
 
 
@@ -60,6 +61,7 @@ class KTMModule(L.LightningModule):
         segment_tokens: int = 16,
         policy_score: str = "surprisal",
         budget_share: float = 0.5,
+        attention: str | None = None,
     ):
         """
         Args:
@@ -122,6 +124,8 @@ class KTMModule(L.LightningModule):
                 base: dense text merges less) or "random" (the control).
             budget_share: with merge_policy=budget, the share of K > 1 training steps laid out by it (the others
                 fixed), so the LoRA learns to read both mixed-K and plain prompts.
+            attention: the base's attention kernel while this module trains and evaluates: "sdpa", "eager", or
+                None = eager on CPU (its backward is cheaper on short prompts), sdpa elsewhere.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +147,8 @@ class KTMModule(L.LightningModule):
             raise KTMError(f"model.budget_share must be a number in [0, 1], got {budget_share!r}",
                            "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
+        if attention is not None:
+            check_choice("model.attention", attention, ATTENTION, "use sdpa, eager, or null (eager on CPU, sdpa elsewhere)")
         if isinstance(lr_decay_share, bool) or not isinstance(lr_decay_share, (int, float)) or not 0 <= lr_decay_share <= 1:
             raise KTMError(f"model.lr_decay_share must be a number in [0, 1], got {lr_decay_share!r}",
                            "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
@@ -182,6 +188,8 @@ class KTMModule(L.LightningModule):
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
+        attention = self.hparams.get("attention") or ("eager" if self.trainer.strategy.root_device.type == "cpu" else "sdpa")
+        self.model.use_attention(attention)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -424,7 +432,13 @@ class KTMModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay)
+        # fused on CPU: one kernel over all tensors, where the default loops over ~430 parameters per step in Python
+        # (a tenth of a tree K=4 step on 2 cores, README Speed); CUDA keeps torch's own default (foreach)
+        on_cpu = all(p.device.type == "cpu" for g in param_groups for p in g["params"])
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay, fused=True if on_cpu else None)
+        # A fused AdamW says it can unscale AMP gradients itself, and Lightning then refuses gradient clipping even
+        # in bf16 (no scaler). Without the claim a GradScaler (16-mixed) unscales first, as for any optimizer.
+        opt._step_supports_amp_scaling = False
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor_at(step))  # a function: LambdaLR saves no state for it
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
