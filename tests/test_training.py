@@ -240,6 +240,16 @@ def test_training_on_cpu_uses_a_fused_adamw_and_eager_attention(tmp_path, capsys
         KTMModule(base="config:tiny-llama", ks=[1, 2], attention="flash")
 
 
+def test_profile_steps_writes_the_step_time_and_operator_table(tmp_path):
+    assert main(["fit", "--exp", "tree_k4", "--root", str(tmp_path), "--run", "prof", *TINY, "--model.ks=[1,2]",
+                 "--data.k_schedule=[1,2]", "--model.lr_lora=1e-3", "--trainer.max_epochs=1",
+                 "--trainer.callbacks+=ktm.training.callbacks.ProfileSteps", "--trainer.callbacks.init_args.start=1",
+                 "--trainer.callbacks.init_args.steps=2"]) == 0
+    text = (tmp_path / "tree_k4" / "prof" / "profile.txt").read_text()
+    assert text.startswith("training steps 1-2: ") and " ms per step" in text.splitlines()[0]
+    assert "aten::mm" in text and "Self CPU" in text
+
+
 def test_lora_learning_rate_per_k_applies_from_the_first_step_of_each_k(tmp_path):
     import torch
 

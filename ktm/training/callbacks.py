@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ktm.environment import environment
 from ktm.errors import KTMError
-from ktm.io import read_json, write_json
+from ktm.io import read_json, write_json, write_text
 from ktm.report import write_report
 
 log = logging.getLogger("ktm")
@@ -182,6 +182,38 @@ def event_tags(folder: Path, wanted: set[str] | None = None) -> set[str]:
         except Exception as exc:  # noqa: BLE001  (a damaged events file: count what was read)
             log.debug("could not read %s: %s", path, exc)
     return tags
+
+
+class ProfileSteps(L.Callback):
+    """Opt-in: torch.profiler over training steps [start, start + steps), written to <run>/profile.txt as the wall
+    time per step and the operator table (self CPU time first). For finding what a step spends its time on:
+    `ktm fit ... --trainer.callbacks+=ktm.training.callbacks.ProfileSteps --trainer.max_steps=20`. The steps
+    after `start` so that warm-up (first allocations, kernels picked) stays out."""
+
+    def __init__(self, start: int = 8, steps: int = 10, row_limit: int = 40):
+        self.start, self.steps, self.row_limit = start, steps, row_limit
+        self._profiler = None
+        self._began = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start and self._profiler is None and trainer.is_global_zero:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU])
+            self._profiler.__enter__()
+            self._began = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profiler is None or trainer.global_step < self.start + self.steps:
+            return
+        seconds = time.perf_counter() - self._began
+        self._profiler.__exit__(None, None, None)
+        table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.row_limit, max_name_column_width=60)
+        self._profiler = None
+        done = trainer.global_step - self.start
+        head = f"training steps {self.start}-{trainer.global_step - 1}: {seconds:.2f} s, {1000 * seconds / done:.0f} ms per step\n"
+        path = write_text(run_dir(trainer) / "profile.txt", head + table + "\n")
+        log.info("%s(profile: %s)", head, path)
 
 
 class TensorBoardViews:
