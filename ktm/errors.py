@@ -36,6 +36,13 @@ def check_count(setting: str, value, minimum: int, fix: str, *, allow_none: bool
         raise KTMError(f"{setting} must be a whole number >= {minimum}{' or null' if allow_none else ''}, got {value!r}", fix)
 
 
+def check_share(setting: str, value, fix: str) -> None:
+    """One line when a share setting is not a number in [0, 1] (bools are not numbers):
+    `<setting> must be a number in [0, 1], got ...`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+        raise KTMError(f"{setting} must be a number in [0, 1], got {value!r}", fix)
+
+
 class DiskFullError(KTMError):
     """The disk filled up while writing; the previous version of the file or folder is intact."""
 

@@ -21,7 +21,7 @@ import torch
 
 import ktm.io
 from ktm.cli import main
-from ktm.errors import KTMError, check_count
+from ktm.errors import KTMError, check_count, check_share
 from ktm.io import sha256_file, verify, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +160,17 @@ def test_check_count_is_the_one_rule_for_counts(value, minimum, allow_none, mess
     with pytest.raises(KTMError) as err:
         check_count("n", value, minimum, "fix it", allow_none=allow_none)
     assert (err.value.problem, err.value.fix) == (message, "fix it")
+
+
+@pytest.mark.parametrize("value,ok", [(0, True), (1, True), (0.3, True), (-0.1, False), (1.5, False), (True, False),
+                                      ("0.5", False), (None, False), (float("nan"), False), (float("inf"), False)])
+def test_check_share_is_the_one_rule_for_shares(value, ok):
+    if ok:
+        check_share("s", value, "fix it")
+        return
+    with pytest.raises(KTMError) as err:
+        check_share("s", value, "fix it")
+    assert (err.value.problem, err.value.fix) == (f"s must be a number in [0, 1], got {value!r}", "fix it")
 
 
 @pytest.mark.parametrize("arg,message", [

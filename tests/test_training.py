@@ -223,20 +223,24 @@ def test_optimizer_moments_restart_when_the_k_schedule_moves(tmp_path):
     assert ckpt["ktm_k_entry"] == [2]
 
 
-def test_training_on_cpu_uses_a_fused_adamw_and_eager_attention(tmp_path, capsys):
-    # both measured on the tree's K=4 steps on 2 cores: 1131 -> 777 ms per step together (README Speed)
+def test_eager_attention_and_a_fused_adamw_are_options_and_train(tmp_path, capsys):
+    # ~1.3x faster tree K=4 steps on 2 CPU cores together, but not the default: two seeds trained with them scored
+    # lower (README Speed). The fused AdamW must work with gradient clipping under bf16-mixed (Lightning refused it).
     from ktm.errors import KTMError
     from ktm.training.module import KTMModule
 
-    module = KTMModule(base="config:tiny-llama", ks=[1, 2])
-    assert all(g["fused"] for g in module.configure_optimizers()["optimizer"].param_groups)
+    assert not any(g["fused"] for g in KTMModule(base="config:tiny-llama", ks=[1, 2]).configure_optimizers()["optimizer"].param_groups)
+    fused = KTMModule(base="config:tiny-llama", ks=[1, 2], fused_adamw=True).configure_optimizers()["optimizer"]
+    assert all(g["fused"] for g in fused.param_groups)
     common = ["fit", "--exp", "tree_k4", "--root", str(tmp_path), *TINY, "--model.ks=[1,2]", "--data.k_schedule=[1,2]",
               "--model.lr_encoder=1e-3", "--model.lr_lora=1e-3", "--trainer.max_epochs=2"]  # clipping on, as in every experiment
-    assert main([*common, "--run", "auto"]) == 0
-    assert "on CPUAccelerator, eager attention" in capsys.readouterr().err
-    assert main([*common, "--run", "sdpa", "--model.attention=sdpa"]) == 0
+    assert main([*common, "--run", "default"]) == 0
     assert "on CPUAccelerator, sdpa attention" in capsys.readouterr().err
-    with pytest.raises(KTMError, match=r"model.attention"):
+    for precision in ("bf16-mixed", "32-true"):
+        assert main([*common, "--run", f"fast_{precision}", "--model.attention=eager", "--model.fused_adamw=true",
+                     f"--trainer.precision={precision}"]) == 0
+        assert f"training in {precision} precision on CPUAccelerator, eager attention" in capsys.readouterr().err
+    with pytest.raises(KTMError, match=r"model.attention must be one of sdpa, eager, got 'flash'"):
         KTMModule(base="config:tiny-llama", ks=[1, 2], attention="flash")
 
 
@@ -248,6 +252,12 @@ def test_profile_steps_writes_the_step_time_and_operator_table(tmp_path):
     text = (tmp_path / "tree_k4" / "prof" / "profile.txt").read_text()
     assert text.startswith("training steps 1-2: ") and " ms per step" in text.splitlines()[0]
     assert "aten::mm" in text and "Self CPU" in text
+    assert main(["fit", "--exp", "tree_k4", "--root", str(tmp_path), "--run", "clock", *TINY, "--model.ks=[1,2]",
+                 "--data.k_schedule=[1,2]", "--model.lr_lora=1e-3", "--trainer.max_epochs=1",
+                 "--trainer.callbacks+=ktm.training.callbacks.ProfileSteps", "--trainer.callbacks.init_args.start=1",
+                 "--trainer.callbacks.init_args.steps=2", "--trainer.callbacks.init_args.profile=false"]) == 0
+    text = (tmp_path / "tree_k4" / "clock" / "profile.txt").read_text()
+    assert text.startswith("training steps 1-2: ") and "aten::" not in text
 
 
 def test_lora_learning_rate_per_k_applies_from_the_first_step_of_each_k(tmp_path):

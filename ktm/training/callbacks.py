@@ -185,35 +185,40 @@ def event_tags(folder: Path, wanted: set[str] | None = None) -> set[str]:
 
 
 class ProfileSteps(L.Callback):
-    """Opt-in: torch.profiler over training steps [start, start + steps), written to <run>/profile.txt as the wall
-    time per step and the operator table (self CPU time first). For finding what a step spends its time on:
-    `ktm fit ... --trainer.callbacks+=ktm.training.callbacks.ProfileSteps --trainer.max_steps=20`. The steps
-    after `start` so that warm-up (first allocations, kernels picked) stays out."""
+    """Opt-in: the wall time of training steps [start, start + steps), and with profile=True torch.profiler's operator
+    table over them (self CPU time first), written to <run>/profile.txt. For finding what a step spends its time on:
+    `ktm fit ... --trainer.callbacks+=ktm.training.callbacks.ProfileSteps --trainer.max_steps=20`. It starts after
+    `start` steps so that warm-up (first allocations, kernels picked) stays out. The profiler adds a few microseconds
+    to every operator, which inflates code made of many small ones: compare variants with profile=False."""
 
-    def __init__(self, start: int = 8, steps: int = 10, row_limit: int = 40):
-        self.start, self.steps, self.row_limit = start, steps, row_limit
+    def __init__(self, start: int = 8, steps: int = 10, profile: bool = True, row_limit: int = 40):
+        self.start, self.steps, self.profile, self.row_limit = start, steps, profile, row_limit
         self._profiler = None
-        self._began = 0.0
+        self._began: float | None = None  # while timing
+        self._done = False  # once per fit
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.start and self._profiler is None and trainer.is_global_zero:
-            from torch.profiler import ProfilerActivity, profile
+        if trainer.global_step == self.start and self._began is None and not self._done and trainer.is_global_zero:
+            if self.profile:
+                from torch.profiler import ProfilerActivity, profile
 
-            self._profiler = profile(activities=[ProfilerActivity.CPU])
-            self._profiler.__enter__()
+                self._profiler = profile(activities=[ProfilerActivity.CPU])
+                self._profiler.__enter__()
             self._began = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._profiler is None or trainer.global_step < self.start + self.steps:
+        if self._began is None or trainer.global_step < self.start + self.steps:
             return
-        seconds = time.perf_counter() - self._began
-        self._profiler.__exit__(None, None, None)
-        table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.row_limit, max_name_column_width=60)
-        self._profiler = None
-        done = trainer.global_step - self.start
-        head = f"training steps {self.start}-{trainer.global_step - 1}: {seconds:.2f} s, {1000 * seconds / done:.0f} ms per step\n"
-        path = write_text(run_dir(trainer) / "profile.txt", head + table + "\n")
-        log.info("%s(profile: %s)", head, path)
+        seconds, done = time.perf_counter() - self._began, trainer.global_step - self.start
+        self._began, self._done = None, True
+        head = f"training steps {self.start}-{trainer.global_step - 1}: {seconds:.2f} s, {1000 * seconds / done:.0f} ms per step"
+        table = ""
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.row_limit, max_name_column_width=60)
+            self._profiler = None
+        path = write_text(run_dir(trainer) / "profile.txt", f"{head}\n{table}\n")
+        log.info("%s (%s)", head, path)
 
 
 class TensorBoardViews:

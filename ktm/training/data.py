@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 from typing import Any, Callable, Iterator, Literal
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ktm.benchmarks import get_benchmark
 from ktm.benchmarks.common import Example, balance
-from ktm.errors import KTMError, check_count
+from ktm.errors import KTMError, check_count, check_share
 from ktm.training.curriculum import Curriculum
 
 log = logging.getLogger("ktm")
@@ -120,9 +119,8 @@ def check_data_args(**h: Any) -> None:
     if "seed" in h and not _whole(h["seed"]):
         raise KTMError(f"data.seed must be a whole number, got {h['seed']!r}", "set data.seed to e.g. 0")
     for name in ("advance_threshold", "final_threshold"):
-        v = h.get(name)
-        if name in h and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1):
-            raise KTMError(f"data.{name} must be a number in [0, 1], got {v!r}", f"set data.{name} to e.g. 0.85")
+        if name in h:
+            check_share(f"data.{name}", h[name], f"set data.{name} to e.g. 0.85")
     ks = h.get("k_schedule")
     if ks is not None:
         if isinstance(ks, (str, bytes)) or not isinstance(ks, (list, tuple)):

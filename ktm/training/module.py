@@ -18,13 +18,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from ktm.errors import KTMError, check_choice, check_count
+from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
-ATTENTION = ("sdpa", "eager")  # model.attention (null: eager on CPU, sdpa elsewhere)
+ATTENTION = ("sdpa", "eager")  # model.attention
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
 
 
@@ -61,7 +61,8 @@ class KTMModule(L.LightningModule):
         segment_tokens: int = 16,
         policy_score: str = "surprisal",
         budget_share: float = 0.5,
-        attention: str | None = None,
+        attention: str = "sdpa",
+        fused_adamw: bool = False,
     ):
         """
         Args:
@@ -124,8 +125,11 @@ class KTMModule(L.LightningModule):
                 base: dense text merges less) or "random" (the control).
             budget_share: with merge_policy=budget, the share of K > 1 training steps laid out by it (the others
                 fixed), so the LoRA learns to read both mixed-K and plain prompts.
-            attention: the base's attention kernel while this module trains and evaluates: "sdpa", "eager", or
-                None = eager on CPU (its backward is cheaper on short prompts), sdpa elsewhere.
+            attention: the base's attention kernel while this module trains and evaluates: "sdpa" or "eager". Eager
+                made tree K=4 steps ~1.3x faster on 2 CPU cores, but two seeds trained with it (and fused_adamw)
+                scored lower (README Speed), so it is an option, not the default.
+            fused_adamw: AdamW as one fused kernel (CPU or CUDA) instead of torch's default; same update up to
+                float rounding, about 5% faster tree K=4 steps on 2 CPU cores.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -143,15 +147,10 @@ class KTMModule(L.LightningModule):
         if distill_hidden_at == "all" and distill_hidden_weight > 0 and compressor != "merge":
             raise KTMError(f"model.distill_hidden_at=all matches merged blocks, and compressor {compressor!r} has none",
                            "use model.distill_hidden_at=targets with a baseline compressor")
-        if isinstance(budget_share, bool) or not isinstance(budget_share, (int, float)) or not 0 <= budget_share <= 1:
-            raise KTMError(f"model.budget_share must be a number in [0, 1], got {budget_share!r}",
-                           "set it to e.g. 0.5 (half the merged steps by the budget policy)")
+        check_share("model.budget_share", budget_share, "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
-        if attention is not None:
-            check_choice("model.attention", attention, ATTENTION, "use sdpa, eager, or null (eager on CPU, sdpa elsewhere)")
-        if isinstance(lr_decay_share, bool) or not isinstance(lr_decay_share, (int, float)) or not 0 <= lr_decay_share <= 1:
-            raise KTMError(f"model.lr_decay_share must be a number in [0, 1], got {lr_decay_share!r}",
-                           "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
+        check_choice("model.attention", attention, ATTENTION, "use sdpa (the default) or eager")
+        check_share("model.lr_decay_share", lr_decay_share, "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
@@ -188,8 +187,7 @@ class KTMModule(L.LightningModule):
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
-        attention = self.hparams.get("attention") or ("eager" if self.trainer.strategy.root_device.type == "cpu" else "sdpa")
-        self.model.use_attention(attention)
+        self.model.use_attention(self.hparams.get("attention", "sdpa"))
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -432,10 +430,8 @@ class KTMModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
-        # fused on CPU: one kernel over all tensors, where the default loops over ~430 parameters per step in Python
-        # (a tenth of a tree K=4 step on 2 cores, README Speed); CUDA keeps torch's own default (foreach)
-        on_cpu = all(p.device.type == "cpu" for g in param_groups for p in g["params"])
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay, fused=True if on_cpu else None)
+        # fused_adamw: one kernel over all tensors, where torch's CPU default loops over the ~430 parameters in Python
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay, fused=True if self.hparams.get("fused_adamw") else None)
         # A fused AdamW says it can unscale AMP gradients itself, and Lightning then refuses gradient clipping even
         # in bf16 (no scaler). Without the claim a GradScaler (16-mixed) unscales first, as for any optimizer.
         opt._step_supports_amp_scaling = False
