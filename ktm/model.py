@@ -693,8 +693,8 @@ class KTMModel(nn.Module):
 
     def use_attention(self, implementation: str) -> None:
         """Switch the LM's attention kernel ("sdpa", "eager", or any name transformers knows) in place; the
-        weights and the results are the same up to float rounding. Training on CPU picks "eager": SDPA's CPU
-        backward cost ~6 ms per layer call on the short merged prompts of the tree (README Speed)."""
+        weights are the same and the results equal up to float rounding (model.attention: on 2 CPU cores SDPA's
+        backward cost ~6 ms per layer call on the tree's short merged prompts, eager much less; README Speed)."""
         if self.attention != implementation:
             with warnings.catch_warnings():  # transformers 5 calls its own deprecated is_gradient_checkpointing here
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -643,7 +643,7 @@ class EpochLog(L.Callback):
         self._start = time.monotonic()
         if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
             log.info("training in %s precision on %s, %s attention", trainer.precision, trainer.accelerator.__class__.__name__,
-                     pl_module.model.attention)  # model.attention: null picks it per device too
+                     pl_module.model.attention)  # model.attention
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
