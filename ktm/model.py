@@ -692,13 +692,45 @@ class KTMModel(nn.Module):
             return self.target_outputs(batch, hidden)
 
     def use_attention(self, implementation: str) -> None:
-        """Switch the LM's attention kernel ("sdpa", "eager", or any name transformers knows) in place; the
-        weights are the same and the results equal up to float rounding (model.attention: on 2 CPU cores SDPA's
-        backward cost ~6 ms per layer call on the tree's short merged prompts, eager much less; README Speed)."""
+        """Switch the LM's attention kernel ("sdpa", "eager", "eager_float32" from ktm/attention.py, or any name
+        transformers knows) in place; the weights are the same and the results equal up to float rounding
+        (model.attention: on 2 CPU cores SDPA's backward cost ~9 ms per layer call on the tree's short merged
+        prompts, the eager kernels about a third of it; README Speed)."""
+        if implementation == "eager_float32":
+            from ktm.attention import register
+
+            register()
         if self.attention != implementation:
             with warnings.catch_warnings():  # transformers 5 calls its own deprecated is_gradient_checkpointing here
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self._lm_model().set_attn_implementation(implementation)
+
+    def store_frozen_linears(self, dtype: torch.dtype) -> int:
+        """Keep every frozen nn.Linear weight (and bias) of the LM in `dtype`; returns how many layers changed.
+
+        For training under autocast in `dtype`: autocast casts a float32 weight to `dtype` at every use and
+        caches no cast of a frozen tensor, so each step recast the whole base (~15% of a CPU step in bf16).
+        Cast once, the matmuls see the same values and give bit-identical losses and gradients (tested). A head
+        tied to the input embeddings gets its own copy: the table stays float32, for the encoders and for
+        autocast's float32 embedding lookup. Trainable weights (LoRA, encoders) are untouched."""
+        table = self.embed.weight
+        changed = 0
+        for module in self.lm.modules():
+            if not isinstance(module, nn.Linear) or module.weight.requires_grad or module.weight.dtype == dtype:
+                continue
+            if module.weight is table:  # tied head: untie rather than cast the shared table
+                module.weight = nn.Parameter(table.detach().to(dtype), requires_grad=False)
+            else:
+                module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            changed += 1
+        return changed
+
+    @property
+    def frozen_linear_dtype(self) -> torch.dtype | None:
+        """The dtype the frozen base's linear weights are kept in (store_frozen_linears), None without any."""
+        return next((m.weight.dtype for m in self.lm.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad), None)
 
     @property
     def attention(self) -> str:

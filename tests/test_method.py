@@ -144,6 +144,79 @@ def test_eager_attention_gives_the_sdpa_logits_and_gradients(tiny, k):
     assert any(g.abs().sum() > 0 for g in outputs["sdpa"][1])
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_eager_float32_attention_gives_the_sdpa_logits_and_gradients_and_masks_pads(tiny, k):
+    # model.attention: eager_float32 (ktm/attention.py) is the same model in float32, padded batches included
+    ids = tiny.tokenize_prompts(PROMPTS)
+    outputs = {}
+    for kernel in ("sdpa", "eager_float32"):
+        batch = tiny.build_batch(ids, k)
+        tiny.use_attention(kernel)
+        assert tiny.attention == kernel
+        tiny.zero_grad()
+        logits = tiny.forward(batch).logits
+        logits[batch.attention_mask.bool()].square().mean().backward()
+        outputs[kernel] = (logits[batch.attention_mask.bool()].detach(), [p.grad.clone() for p in tiny.trainable_parameters()["lora"]])
+    torch.testing.assert_close(outputs["eager_float32"][0], outputs["sdpa"][0], atol=1e-4, rtol=1e-4)
+    for mine, sdpa in zip(outputs["eager_float32"][1], outputs["sdpa"][1]):
+        torch.testing.assert_close(mine, sdpa, atol=1e-4, rtol=1e-3)
+    together = tiny.forward(tiny.build_batch(ids, k), logits_to_keep=1).logits[:, -1]
+    for i, p in enumerate(ids):  # the mask reaches the kernel: an example's logits do not depend on its batch
+        torch.testing.assert_close(together[i : i + 1], tiny.forward(tiny.build_batch([p], k), logits_to_keep=1).logits[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_eager_float32_attention_ignores_autocast_and_groups_query_heads():
+    # The point of the kernel: under bf16 autocast its scores, softmax and weighted sum stay float32 (eager's
+    # scores are a bfloat16 matmul there). Grouped-query heads (4 query heads on 2 key/value heads) and an
+    # additive mask, against float64 SDPA.
+    from ktm.attention import eager_float32_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
+    mask = torch.zeros(2, 1, 5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    module = torch.nn.Module().eval()
+    plain, weights = eager_float32_attention(module, q, k, v, mask, scaling=8 ** -0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = eager_float32_attention(module, q, k, v, mask, scaling=8 ** -0.5)
+    assert plain.shape == (2, 5, 4, 8) and plain.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    assert torch.equal(plain, autocast)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1), is_causal=True)
+    torch.testing.assert_close(plain.double(), expected.transpose(1, 2), atol=1e-2, rtol=0)  # the bfloat16 output rounding
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_frozen_linears_kept_in_bfloat16_train_bit_identically_under_autocast(k):
+    # What autocast computes a float32 linear with is its bfloat16 cast; cast once (store_frozen_linears, done by
+    # the trainer in bf16-mixed) the loss and every trainable gradient are bit-identical, and faster.
+    def loss_and_grads(store: bool):
+        torch.manual_seed(0)
+        model = KTMModel.from_base("config:tiny-llama", ks=[1, 4], lora=LoraSettings(r=4))
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # a LoRA that matters
+        torch.nn.init.normal_(model.encoders["4"].mlp[-1].weight, std=0.02)
+        if store:
+            assert model.store_frozen_linears(torch.bfloat16) > 0 and model.store_frozen_linears(torch.bfloat16) == 0
+            assert model.frozen_linear_dtype == torch.bfloat16
+            assert model.embed.weight.dtype == torch.float32  # the tied table stays: the head got its own copy
+            assert model.lm.get_output_embeddings().weight.dtype == torch.bfloat16
+        ids = model.tokenize_prompts(PROMPTS)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            batch = model.build_batch(ids, k, [[5, 6, 7]] * len(ids))
+            nll, counts, _ = model.target_nll(batch)
+            loss = nll.sum() / counts.sum()
+        loss.backward()
+        params = model.trainable_parameters()
+        return loss.detach(), [p.grad for p in params["lora"] + params["encoder"] if p.grad is not None]
+
+    (loss, grads), (stored_loss, stored_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.equal(loss, stored_loss) and len(grads) == len(stored_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, stored_grads))
+
+
 def test_pads_are_masked_and_positions_count_real_tokens(tiny):
     ids = tiny.tokenize_prompts(["ab", "abcdefghij"])
     b = tiny.build_batch(ids, 4)

@@ -127,8 +127,12 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
     run = tmp_path / "runs" / "tree_k4" / "r1"
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "export" / "ktm.json").exists() and (run / "export" / "encoder.safetensors").exists()
-    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    # test in bf16-mixed with the generation check: it runs after the test steps, in their precision (the frozen
+    # linears are bfloat16 there, and a float32 forward would fail)
+    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                 "--trainer.precision=bf16-mixed", "--model.generate_eval_examples=2", "--model.generate_max_new_tokens=3"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["k2"]["generated"] == 2.0 and "exact_match" in metrics["test"]["k1"]
     for split in ("val", "test"):
         for k in ("k1", "k2"):
             for name in ("accuracy", "balanced_accuracy", "majority_baseline", "pl_f1", "perplexity", "compression"):
@@ -236,11 +240,14 @@ def test_eager_attention_and_a_fused_adamw_are_options_and_train(tmp_path, capsy
               "--model.lr_encoder=1e-3", "--model.lr_lora=1e-3", "--trainer.max_epochs=2"]  # clipping on, as in every experiment
     assert main([*common, "--run", "default"]) == 0
     assert "on CPUAccelerator, sdpa attention" in capsys.readouterr().err
-    for precision in ("bf16-mixed", "32-true"):
-        assert main([*common, "--run", f"fast_{precision}", "--model.attention=eager", "--model.fused_adamw=true",
+    for precision, kernel, frozen in (("bf16-mixed", "eager", "bfloat16"), ("32-true", "eager", "float32"),
+                                      ("bf16-mixed", "eager_float32", "bfloat16")):
+        assert main([*common, "--run", f"fast_{precision}_{kernel}", f"--model.attention={kernel}", "--model.fused_adamw=true",
                      f"--trainer.precision={precision}"]) == 0
-        assert f"training in {precision} precision on CPUAccelerator, eager attention" in capsys.readouterr().err
-    with pytest.raises(KTMError, match=r"model.attention must be one of sdpa, eager, got 'flash'"):
+        # bf16-mixed keeps the frozen linears in bfloat16 (what autocast computes them in; bit-identical, test_method)
+        assert (f"training in {precision} precision on CPUAccelerator, {kernel} attention, frozen base linears in {frozen}"
+                in capsys.readouterr().err)
+    with pytest.raises(KTMError, match=r"model.attention must be one of sdpa, eager, eager_float32, got 'flash'"):
         KTMModule(base="config:tiny-llama", ks=[1, 2], attention="flash")
 
 

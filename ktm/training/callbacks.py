@@ -642,8 +642,9 @@ class EpochLog(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.monotonic()
         if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
-            log.info("training in %s precision on %s, %s attention", trainer.precision, trainer.accelerator.__class__.__name__,
-                     pl_module.model.attention)  # model.attention
+            log.info("training in %s precision on %s, %s attention, frozen base linears in %s", trainer.precision,
+                     trainer.accelerator.__class__.__name__, pl_module.model.attention,  # model.attention
+                     str(pl_module.model.frozen_linear_dtype).removeprefix("torch."))
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:

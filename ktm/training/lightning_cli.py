@@ -280,12 +280,10 @@ def check_validation_cadence(trainer) -> None:
     would stretch or squeeze the K schedule without a word, and never validating would stop it."""
     every, interval, limit = (trainer.get(name) for name in ("check_val_every_n_epoch", "val_check_interval", "limit_val_batches"))
     fix = "drop it: the K curriculum moves at each validation, once per epoch (make validation cheaper with data.max_val_examples)"
-    if every != 1:
-        raise KTMError(f"trainer.check_val_every_n_epoch={every}: ktm validates once per epoch, and the K schedule would move "
-                       f"at each validation instead of each epoch", fix)
-    if interval not in (None, 1.0):
-        raise KTMError(f"trainer.val_check_interval={interval}: ktm validates once per epoch, and the K schedule would move "
-                       "at each validation instead of each epoch", fix)
+    for setting, value, off in (("check_val_every_n_epoch", every, every != 1), ("val_check_interval", interval, interval not in (None, 1.0))):
+        if off:
+            raise KTMError(f"trainer.{setting}={value}: ktm validates once per epoch, and the K schedule would move "
+                           "at each validation instead of each epoch", fix)
     if limit == 0:
         raise KTMError("trainer.limit_val_batches=0: without validation the K curriculum never moves", fix)
 

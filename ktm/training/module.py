@@ -24,7 +24,9 @@ from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_target
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
-ATTENTION = ("sdpa", "eager")  # model.attention
+ATTENTION = ("sdpa", "eager", "eager_float32")  # model.attention (eager_float32: ktm/attention.py)
+# trainer.precision -> the dtype autocast computes linears in; the frozen base's linears are stored in it (setup)
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
 
 
@@ -125,9 +127,9 @@ class KTMModule(L.LightningModule):
                 base: dense text merges less) or "random" (the control).
             budget_share: with merge_policy=budget, the share of K > 1 training steps laid out by it (the others
                 fixed), so the LoRA learns to read both mixed-K and plain prompts.
-            attention: the base's attention kernel while this module trains and evaluates: "sdpa" or "eager". Eager
-                made tree K=4 steps ~1.3x faster on 2 CPU cores, but two seeds trained with it (and fused_adamw)
-                scored lower (README Speed), so it is an option, not the default.
+            attention: the base's attention kernel while this module trains and evaluates: "sdpa", "eager" or
+                "eager_float32" (ktm/attention.py: eager attention computed in float32 outside autocast). On
+                2 CPU cores the eager kernels made tree K=4 steps 1.2-1.5x faster than SDPA (README Speed).
             fused_adamw: AdamW as one fused kernel (CPU or CUDA) instead of torch's default; same update up to
                 float rounding, about 5% faster tree K=4 steps on 2 CPU cores.
         """
@@ -149,7 +151,7 @@ class KTMModule(L.LightningModule):
                            "use model.distill_hidden_at=targets with a baseline compressor")
         check_share("model.budget_share", budget_share, "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
-        check_choice("model.attention", attention, ATTENTION, "use sdpa (the default) or eager")
+        check_choice("model.attention", attention, ATTENTION, "use sdpa (the default), eager or eager_float32")
         check_share("model.lr_decay_share", lr_decay_share, "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
@@ -188,6 +190,9 @@ class KTMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
         self.model.use_attention(self.hparams.get("attention", "sdpa"))
+        autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if autocast_dtype is not None and "fsdp" not in type(self.trainer.strategy).__name__.lower():
+            self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts, ~15% faster steps
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -402,7 +407,9 @@ class KTMModule(L.LightningModule):
         if n > 0:
             examples = self.trainer.datamodule.eval_examples("test")[:n]
             for k in self.eval_ks:
-                scores = generation_scores(self.model, examples, k, self.hparams.generate_max_new_tokens)
+                # outside test_step, so in the precision context by hand: under bf16-mixed the frozen linears are bf16
+                with self.trainer.precision_plugin.forward_context():
+                    scores = generation_scores(self.model, examples, k, self.hparams.generate_max_new_tokens)
                 per_k[k].update(scores)
                 for name, value in scores.items():  # to the logger by RunOutputs, as the other test numbers
                     self.log(f"test/k{k}/{name}", value, rank_zero_only=True, logger=False)
@@ -431,10 +438,10 @@ class KTMModule(L.LightningModule):
         if not param_groups:
             raise KTMError("nothing to train: LoRA is off (r=0) and model.ks has no K > 1", "enable LoRA or add a K > 1")
         # fused_adamw: one kernel over all tensors, where torch's CPU default loops over the ~430 parameters in Python
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay, fused=True if self.hparams.get("fused_adamw") else None)
-        # A fused AdamW says it can unscale AMP gradients itself, and Lightning then refuses gradient clipping even
-        # in bf16 (no scaler). Without the claim a GradScaler (16-mixed) unscales first, as for any optimizer.
-        opt._step_supports_amp_scaling = False
+        fused = bool(self.hparams.get("fused_adamw"))
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.hparams.weight_decay, fused=True if fused else None)
+        if fused:  # it says it can unscale AMP gradients itself, and Lightning then refuses gradient clipping even in
+            opt._step_supports_amp_scaling = False  # bf16 (no scaler); without the claim a GradScaler unscales first
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor_at(step))  # a function: LambdaLR saves no state for it
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
