@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from ktm.errors import KTMError, check_choice, check_count, check_share
@@ -191,7 +192,7 @@ class KTMModule(L.LightningModule):
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
         self.model.use_attention(self.hparams.get("attention", "sdpa"))
         autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
-        if autocast_dtype is not None and "fsdp" not in type(self.trainer.strategy).__name__.lower():
+        if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
             self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
