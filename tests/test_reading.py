@@ -28,6 +28,18 @@ def test_windows_cut_at_words_without_overlap_and_spread_over_the_text():
     assert windows("too short", 6, 4, limit=3) == []
 
 
+@pytest.mark.parametrize("whitespace", ["collapse", "keep"])
+def test_windows_keep_the_texts_own_whitespace_only_when_asked(whitespace):
+    code = "def f(x):\n    return x\n\n\nclass A:\n\tpass\n"  # 7 words
+    (prefix, continuation), = windows(code, 5, 2, limit=1, whitespace=whitespace)
+    if whitespace == "keep":  # the text itself, cut after the fifth word: newlines and indentation as written
+        assert (prefix, continuation) == ("def f(x):\n    return x\n\n\nclass", " A:\n\tpass")
+    else:
+        assert (prefix, continuation) == ("def f(x): return x class", " A: pass")
+    with pytest.raises(KTMError, match="whitespace must be collapse or keep"):
+        Reading(sources=["sotu"], whitespace="strip")
+
+
 def _module(ks=(1, 4), **kw):
     torch.manual_seed(0)
     return KTMModule(base="config:tiny-llama", ks=list(ks), lora=LoraSettings(r=4), **kw)

