@@ -19,6 +19,12 @@ ARGS       ?=
 # Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248).
 READ_DEFAULT_tree_k4 := read_k1248
 READ       ?= $(READ_DEFAULT_$(EXP))
+# TASK_READ: a second reading stage, on the task's own training text (labels dropped), started from READ's
+# checkpoint and run once per seed: it reads that seed's training split, so it is never shared across seeds.
+# Its run is checkpoints/$(TASK_READ)/seed<seed> (reused while its config is the same, whatever RUN is);
+# the task then starts from it instead of READ. TASK_READ= skips it; READ= (from scratch) skips both.
+TASK_READ_DEFAULT_tree_k4 := read_tree_k4
+TASK_READ  ?= $(if $(strip $(READ)),$(TASK_READ_DEFAULT_$(EXP)))
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
 READ_DIR   := checkpoints/$(READ)/default
@@ -33,8 +39,14 @@ fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
 # $(call fit_test,RUN,EXTRA): the same for $(EXP), with $(ARGS) after EXTRA (ARGS wins). ARGS is not a call
 # argument since its commas ([1,2]) would split it.
 fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
-# $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the data.
-per_seed = for s in $(SEEDS); do $(call fit_test,$(1)_s$$s,$(2) --seed_everything=$$s --data.seed=$$s) || exit 1; done
+# $(call task_read,SEED_ARGS,NAME): the TASK_READ fit of one seed into checkpoints/$(TASK_READ)/NAME, then "&&";
+# nothing without TASK_READ. $(call start_args,NAME): where the task starts, that fit's export or READ's.
+task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2) --reuse $(1)$(INIT_ARGS) &&)
+start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)/export,$(INIT_ARGS))
+# $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the
+# data, each from its own TASK_READ run where there is one (else from READ).
+per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$$s) \
+  $(call fit_test,$(1)_s$$s,$(2)$(call start_args,seed$$s) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
 .PHONY: install constraints reading train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 
@@ -63,11 +75,12 @@ endif
 ##       tree_k4 starts from read_k1248 by default, READ= starts it from scratch
 train: install reading
 ifeq ($(strip $(SEEDS)),)
-	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(INIT_ARGS) $(ARGS)
+	$(call task_read,,default) true
+	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(call start_args,default) $(ARGS)
 	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml --ckpt_path $(RUN_DIR)/checkpoints/last.ckpt
 	@echo "metrics: $(RUN_DIR)/metrics.json   model: $(RUN_DIR)/export   (make tensorboard)"
 else
-	$(call per_seed,$(RUN),$(INIT_ARGS))
+	$(call per_seed,$(RUN),)
 	$(BIN)/ktm report checkpoints/$(EXP)
 endif
 
@@ -75,9 +88,10 @@ endif
 ## it starts from the same reading checkpoint as make train (READ), so both spend the same budget before the task
 reference: install reading
 ifeq ($(strip $(SEEDS)),)
-	$(call fit_test,k1ref,$(REFERENCE_ARGS)$(INIT_ARGS))
+	$(call task_read,,default) true
+	$(call fit_test,k1ref,$(REFERENCE_ARGS)$(call start_args,default))
 else
-	$(call per_seed,k1ref,$(REFERENCE_ARGS)$(INIT_ARGS))
+	$(call per_seed,k1ref,$(REFERENCE_ARGS))
 endif
 	$(BIN)/ktm report checkpoints/$(EXP)
 

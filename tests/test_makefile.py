@@ -27,11 +27,24 @@ def test_install_uses_the_constraints():
     assert '-c constraints.txt -e ".[test]" "torch==2.13.0"' in pip[1]
 
 
-def test_train_without_seeds_is_one_run_from_the_default_reading_checkpoint():
+def test_train_without_seeds_reads_twice_then_trains_one_run():
+    """tree_k4: the shared reading checkpoint, then the tree's own text read at K=4 (TASK_READ), then the task."""
     assert _ktm(_dry("train")) == [
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
-        ".venv/bin/ktm fit --exp tree_k4 --run default --model.init_from=checkpoints/read_k1248/default/export ",
+        ".venv/bin/ktm fit --exp read_tree_k4 --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
+        ".venv/bin/ktm fit --exp tree_k4 --run default --model.init_from=checkpoints/read_tree_k4/default/export ",
         ".venv/bin/ktm test --config checkpoints/tree_k4/default/config.yaml --ckpt_path checkpoints/tree_k4/default/checkpoints/last.ckpt"]
+    assert "read_tree_k4" not in " ".join(_ktm(_dry("train", "TASK_READ=")))
+
+
+def test_the_task_reading_stage_runs_once_per_seed_on_that_seeds_data():
+    """Its text is the seed's training split, so one seed's reading run is never another's start."""
+    (loop,) = [line for line in _ktm(_dry("train", "SEEDS=0 1", "RUN=r")) if line.startswith("for s")]
+    loop = " ".join(loop.split())
+    read = ("for s in 0 1; do .venv/bin/ktm fit --exp read_tree_k4 --run seed$s --reuse --seed_everything=$s --data.seed=$s "
+            "--model.init_from=checkpoints/read_k1248/default/export && .venv/bin/ktm fit --exp tree_k4 --run r_s$s "
+            "--model.init_from=checkpoints/read_tree_k4/seed$s/export --seed_everything=$s --data.seed=$s &&")
+    assert loop.startswith(read)
 
 
 @pytest.mark.parametrize("args", [("READ=",), ("EXP=amazon_k4",)])
@@ -63,8 +76,9 @@ def test_reference_starts_from_the_reading_checkpoint_of_make_train():
     """The merged tree_k4 runs start from read_k1248: a K=1 reference from scratch would have less budget."""
     lines = _ktm(_dry("reference"))
     assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default --reuse"
+    assert lines[1].startswith(".venv/bin/ktm fit --exp read_tree_k4 --run default --reuse")  # the same run as make train's
     assert ("--run k1ref --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001 "
-            "--model.init_from=checkpoints/read_k1248/default/export") in lines[1]
+            "--model.init_from=checkpoints/read_tree_k4/default/export") in lines[2]
     assert "init_from" not in " ".join(_ktm(_dry("reference", "READ=")))
 
 
@@ -75,5 +89,5 @@ def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it()
     # fit only: make train's first run pays the reading fit, not its held-out test as well
     assert made == ".venv/bin/ktm fit --exp read_k4 --run default --reuse"
     assert fit == ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
-    (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "SEEDS=0 1")) if line.startswith("for s")]
+    (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "TASK_READ=", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
