@@ -16,7 +16,8 @@ ARGS       ?=
 # changed recipe is refused with the setting that differs). Experiments with a READ_DEFAULT below start from
 # it unless given READ= (empty).
 # tree_k4: fully merged K=4 learns the tree in make train's budget only from a reading start (README
-# Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248).
+# Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248, 0.93-0.96
+# with read_tree_k4 after it, below).
 READ_DEFAULT_tree_k4 := read_k1248
 READ       ?= $(READ_DEFAULT_$(EXP))
 # TASK_READ: a second reading stage, on the task's own training text (labels dropped), started from READ's
