@@ -36,7 +36,7 @@ def test_windows_keep_the_texts_own_whitespace_only_when_asked(whitespace):
         assert (prefix, continuation) == ("def f(x):\n    return x\n\n\nclass", " A:\n\tpass")
     else:
         assert (prefix, continuation) == ("def f(x): return x class", " A: pass")
-    with pytest.raises(KTMError, match="whitespace must be collapse or keep"):
+    with pytest.raises(KTMError, match="reading whitespace must be one of collapse, keep, got 'strip'"):
         Reading(sources=["sotu"], whitespace="strip")
 
 

