@@ -188,3 +188,16 @@ def test_reading_a_benchmarks_text_takes_its_training_split_of_the_same_seed_onl
     assert all(p.startswith("Tree: ") and "\n+" in p for p in list(read)[:50])  # the tree's lines, as the task writes them
     train_trees = {e.prompt.split(", Task:")[0] for e in task.train}
     assert read and all(p.split(", Task:")[0] in train_trees for p in read)
+
+
+def test_benchmark_split_by_example_makes_each_prompt_a_document():
+    """Amazon's offline training sentences come from three products: split by group, the reading val would be
+    a third of them; split by example, 5% of the sentences each, none in two splits."""
+    by = {split: Reading(seed=0, sources=["benchmark:amazon"], prefix_words=9, continuation_words=3, windows_per_document=1,
+                         max_documents=100_000, benchmark_split=split).build("all") for split in ("group", "example")}
+    assert len(by["group"].val) > 200  # one whole product
+    ex = by["example"]
+    assert 0.03 < len(ex.val) / (len(ex.train) + len(ex.val) + len(ex.test)) < 0.07
+    assert not {e.group for e in ex.train} & {e.group for e in ex.val + ex.test}
+    with pytest.raises(KTMError, match="reading benchmark_split must be one of group, example, got 'product'"):
+        Reading(sources=["benchmark:amazon"], benchmark_split="product")

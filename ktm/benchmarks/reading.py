@@ -16,7 +16,9 @@ Sources (`sources`, a list; documents are split into train/val/test by document,
 - `path:<file or folder>`: .txt/.md/.rst/.py files, or JSON Lines with a `text` field (`text_field`);
 - `hf:<dataset>[:<config>]`: a hub dataset streamed with `datasets` (split `train`, field `text_field`),
   for users with a hub, e.g. `hf:HuggingFaceFW/fineweb-edu:sample-10BT`; offline it is one clear error;
-- `benchmark:<name>`: the training prompts and targets of a ktm benchmark, labels dropped.
+- `benchmark:<name>`: the training prompts and targets of a ktm benchmark, labels dropped. `benchmark_split`
+  says what a reading document is: `group` (the benchmark's own grouping, e.g. one tree and its questions)
+  or `example` (each prompt; Amazon's offline training sentences come from only three products).
 Memory stays bounded: at most `max_documents` per source and `windows_per_document` windows each.
 """
 
@@ -121,12 +123,13 @@ def hub_documents(spec: str, text_field: str, limit: int) -> Iterator[tuple[str,
         yield f"{name}#{i}", str(row[text_field])
 
 
-def benchmark_documents(name: str, seed: int) -> Iterator[tuple[str, str]]:
+def benchmark_documents(name: str, seed: int, split: str = "group") -> Iterator[tuple[str, str]]:
     from ktm.benchmarks.common import get_benchmark
 
     bench = get_benchmark(name, seed=seed)
-    for e in bench.load(bench.stages[0]).train:  # training text only: val/test stay unseen
-        yield f"{name}/{e.group}", f"{e.prompt}{e.target}" if bench.task == "perplexity" else e.prompt
+    for i, e in enumerate(bench.load(bench.stages[0]).train):  # training text only: val/test stay unseen
+        doc_id = f"{name}/{e.group}" if split == "group" else f"{name}/{e.group}#{i}"
+        yield doc_id, f"{e.prompt}{e.target}" if bench.task == "perplexity" else e.prompt
 
 
 def windows(text: str, prefix_words: int, continuation_words: int, limit: int, whitespace: str = "collapse") -> list[tuple[str, str]]:
@@ -153,7 +156,8 @@ def windows(text: str, prefix_words: int, continuation_words: int, limit: int, w
 class Reading(Benchmark):
     """Options: sources (list, see the module docstring), prefix_words / continuation_words (window cut),
     reconstruction_share (0..1), windows_per_document, max_documents (per source), text_field (path/hf
-    sources), test_fraction / val_fraction (of the documents), whitespace (collapse | keep, see windows)."""
+    sources), test_fraction / val_fraction (of the documents), whitespace (collapse | keep, see windows),
+    benchmark_split (group | example: what one document of a benchmark:<name> source is)."""
 
     name = "reading"
     task = "perplexity"
@@ -162,7 +166,7 @@ class Reading(Benchmark):
     def __init__(self, seed: int = 0, sources: list[str] | tuple[str, ...] = ("sotu",), prefix_words: int = 96,
                  continuation_words: int = 32, reconstruction_share: float = 0.2, windows_per_document: int = 8,
                  max_documents: int = 2000, text_field: str = "text", test_fraction: float = 0.05, val_fraction: float = 0.05,
-                 whitespace: str = "collapse"):
+                 whitespace: str = "collapse", benchmark_split: str = "group"):
         if isinstance(sources, str) or not sources:
             raise KTMError(f"reading sources must be a non-empty list, got {sources!r}", "e.g. sources: [sotu, django_docs, stdlib]")
         for s in sources:
@@ -174,10 +178,12 @@ class Reading(Benchmark):
         check_share("reading reconstruction_share", reconstruction_share, "set data.benchmark_args.reconstruction_share, e.g. 0.2")
         check_choice("reading whitespace", whitespace, ("collapse", "keep"),
                      "set data.benchmark_args.whitespace: keep (newlines and indentation as written) or collapse")
+        check_choice("reading benchmark_split", benchmark_split, ("group", "example"),
+                     "set data.benchmark_args.benchmark_split: group (the benchmark's groups) or example (each prompt)")
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,
                          reconstruction_share=float(reconstruction_share), windows_per_document=windows_per_document,
                          max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction,
-                         whitespace=whitespace)
+                         whitespace=whitespace, benchmark_split=benchmark_split)
 
     def cache_key(self, stage: str) -> dict[str, Any]:
         key = super().cache_key(stage)
@@ -198,7 +204,7 @@ class Reading(Benchmark):
             return path_documents(rest, o["text_field"])
         if kind == "hf":
             return hub_documents(rest, o["text_field"], o["max_documents"])
-        return benchmark_documents(rest, self.seed)
+        return benchmark_documents(rest, self.seed, o["benchmark_split"])
 
     def build(self, stage: str) -> Splits:
         o = self.options
