@@ -59,6 +59,12 @@ def render(metrics: dict, title: str = "") -> str:
         for k, s in sorted(speed.items()):
             lines.append(f"| {k[1:]} | {_fmt(s['samples_per_s'], 2)} | {_fmt(s['prompt_tokens_per_s'], 1)} |")
         lines.append("")
+    watch = metrics.get("encoder_watch")
+    if watch:  # logged every log_every_n_steps steps; the warning fires above DIVERGING_ENCODER
+        lines += ["| K | largest encoder correction ratio (step) | divergence warning |", "|---|---|---|"]
+        for k, w in sorted(watch.items(), key=lambda kv: int(kv[0][1:])):
+            lines.append(f"| {k[1:]} | {_fmt(w['max_correction_ratio'])} ({w['step']}) | {'yes' if w['warned'] else 'none'} |")
+        lines.append("")
     if metrics.get("truncated_prompts"):
         lines.append(f"prompts truncated by long_prompt_policy: {metrics['truncated_prompts']}")
     return "\n".join(lines)

@@ -3,6 +3,8 @@ starting a run from an export (init_from). Tiny config-built models; one end-to-
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -201,3 +203,39 @@ def test_benchmark_split_by_example_makes_each_prompt_a_document():
     assert not {e.group for e in ex.train} & {e.group for e in ex.val + ex.test}
     with pytest.raises(KTMError, match="reading benchmark_split must be one of group, example, got 'product'"):
         Reading(sources=["benchmark:amazon"], benchmark_split="product")
+
+
+def test_reading_a_benchmark_passes_its_options_and_follows_its_data(tmp_path, monkeypatch):
+    """benchmark:commitpack needs the task's data_dir; new commits in it must give new windows, not a stale cache."""
+    from ktm.benchmarks import common
+
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "cache")
+    commits = tmp_path / "commits"
+    commits.mkdir()
+
+    def write(name, rows):
+        (commits / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def edit(path, i, body):
+        return {"repo": "o/r", "path": path, "commit": f"{path}-{i}", "subject": f"Change {i}",
+                "old_contents": body, "new_contents": body + f"y = {i}\n"}
+
+    write("train.jsonl", [edit(f"m{f}.py", i, f"def f{f}_{i}(a, b):\n    return a + b\n") for f in range(20) for i in range(2)])
+    write("test.jsonl", [edit("t.py", 0, "def secret(a, b):\n    return a - b\n")])
+
+    def build():
+        return Reading(sources=["benchmark:commitpack"], prefix_words=6, continuation_words=2, windows_per_document=50,
+                       whitespace="keep", benchmark_options={"source": "jsonl", "data_dir": str(commits)}).load("all")
+
+    def text(splits):
+        return "".join(e.prompt + e.target for part in (splits.train, splits.val, splits.test) for e in part)
+
+    first = text(build())
+    assert "def f" in first and "def g" not in first and "secret" not in first  # train file only
+    write("train.jsonl", [edit(f"n{f}.py", 0, f"def g{f}(a, b):\n    return a * b\n") for f in range(20)])
+    again = text(build())
+    assert "def g" in again and "def f" not in again
+    with pytest.raises(KTMError, match="bad options for benchmark 'commitpack'"):
+        Reading(sources=["benchmark:commitpack"], benchmark_options={"data_folder": "x"})
+    with pytest.raises(KTMError, match="reading benchmark_options are set but no source is benchmark:<name>"):
+        Reading(sources=["sotu"], benchmark_options={"data_dir": "x"})

@@ -100,6 +100,10 @@ def assert_same_as_reference(reference_run: Path, run: Path) -> None:
     assert got["val"].keys() == ref["val"].keys() == {"k1", "k2"}
     for k in ref["val"]:
         assert got["val"][k] == pytest.approx(ref["val"][k], rel=1e-6, abs=1e-9), k
+    assert got["encoder_watch"].keys() == ref["encoder_watch"].keys() == {"k2"}  # the watch's record travels too
+    for k, w in ref["encoder_watch"].items():
+        assert (got["encoder_watch"][k]["step"], got["encoder_watch"][k]["warned"]) == (w["step"], w["warned"])
+        assert got["encoder_watch"][k]["max_correction_ratio"] == pytest.approx(w["max_correction_ratio"], rel=1e-5)
     for name in ("encoder.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(reference_run / "export" / name), load_file(run / "export" / name)
         assert a.keys() == b.keys()

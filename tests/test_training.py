@@ -118,6 +118,10 @@ def test_a_diverging_encoder_is_named_with_the_fix(tmp_path):
         logging.getLogger("ktm").removeHandler(catch)
     warnings = [r.getMessage() for r in records if "merge encoder" in r.getMessage()]
     assert len(warnings) == 1 and "K=2" in warnings[0] and "lower model.lr_encoder" in warnings[0]  # once per K
+    run = tmp_path / "runs" / "tree_k4" / "hot"
+    watch = json.loads((run / "metrics.json").read_text())["encoder_watch"]  # the record, beside the results
+    assert set(watch) == {"k2"} and watch["k2"]["warned"] is True and watch["k2"]["max_correction_ratio"] > 10
+    assert f"| 2 | {watch['k2']['max_correction_ratio']:.3f} ({watch['k2']['step']}) | yes |" in (run / "results.md").read_text()
 
 
 def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
@@ -138,6 +142,7 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
             for name in ("accuracy", "balanced_accuracy", "majority_baseline", "pl_f1", "perplexity", "compression"):
                 assert name in metrics[split][k], (split, k, name)
     assert metrics["curriculum"]["k"] == 2 and metrics["data"]["source"] == "generated"
+    assert set(metrics["encoder_watch"]) == {"k2"} and metrics["encoder_watch"]["k2"]["warned"] is False  # K=1 has no encoder
     report = (run / "results.md").read_text()
     assert "| test | 2 |" in report and "balanced acc." in report and "majority baseline" in report
     assert metrics["test"]["k1"]["compression"] == 0.0 and metrics["test"]["k2"]["compression"] > 0.4

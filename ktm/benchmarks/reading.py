@@ -18,7 +18,8 @@ Sources (`sources`, a list; documents are split into train/val/test by document,
   for users with a hub, e.g. `hf:HuggingFaceFW/fineweb-edu:sample-10BT`; offline it is one clear error;
 - `benchmark:<name>`: the training prompts and targets of a ktm benchmark, labels dropped. `benchmark_split`
   says what a reading document is: `group` (the benchmark's own grouping, e.g. one tree and its questions)
-  or `example` (each prompt; Amazon's offline training sentences come from only three products).
+  or `example` (each prompt; Amazon's offline training sentences come from only three products);
+  `benchmark_options` are that benchmark's own options (e.g. CommitPackFT's `data_dir`), as in its task config.
 Memory stays bounded: at most `max_documents` per source and `windows_per_document` windows each.
 """
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ktm import fetch
-from ktm.benchmarks.common import Benchmark, Example, Splits, register, split_by_group
+from ktm.benchmarks.common import Benchmark, Example, Splits, get_benchmark, register, split_by_group
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.io import read_jsonl
 
@@ -123,13 +124,16 @@ def hub_documents(spec: str, text_field: str, limit: int) -> Iterator[tuple[str,
         yield f"{name}#{i}", str(row[text_field])
 
 
-def benchmark_documents(name: str, seed: int, split: str = "group") -> Iterator[tuple[str, str]]:
-    from ktm.benchmarks.common import get_benchmark
-
-    bench = get_benchmark(name, seed=seed)
+def benchmark_documents(name: str, seed: int, split: str = "group", options: dict | None = None) -> Iterator[tuple[str, str]]:
+    bench = get_benchmark(name, seed=seed, **(options or {}))
     for i, e in enumerate(bench.load(bench.stages[0]).train):  # training text only: val/test stay unseen
         doc_id = f"{name}/{e.group}" if split == "group" else f"{name}/{e.group}#{i}"
         yield doc_id, f"{e.prompt}{e.target}" if bench.task == "perplexity" else e.prompt
+
+
+def benchmark_key(name: str, seed: int, options: dict | None = None) -> dict[str, Any]:
+    bench = get_benchmark(name, seed=seed, **(options or {}))
+    return bench.cache_key(bench.stages[0])
 
 
 def windows(text: str, prefix_words: int, continuation_words: int, limit: int, whitespace: str = "collapse") -> list[tuple[str, str]]:
@@ -157,7 +161,8 @@ class Reading(Benchmark):
     """Options: sources (list, see the module docstring), prefix_words / continuation_words (window cut),
     reconstruction_share (0..1), windows_per_document, max_documents (per source), text_field (path/hf
     sources), test_fraction / val_fraction (of the documents), whitespace (collapse | keep, see windows),
-    benchmark_split (group | example: what one document of a benchmark:<name> source is)."""
+    benchmark_split (group | example: what one document of a benchmark:<name> source is), benchmark_options
+    (that benchmark's options)."""
 
     name = "reading"
     task = "perplexity"
@@ -166,7 +171,7 @@ class Reading(Benchmark):
     def __init__(self, seed: int = 0, sources: list[str] | tuple[str, ...] = ("sotu",), prefix_words: int = 96,
                  continuation_words: int = 32, reconstruction_share: float = 0.2, windows_per_document: int = 8,
                  max_documents: int = 2000, text_field: str = "text", test_fraction: float = 0.05, val_fraction: float = 0.05,
-                 whitespace: str = "collapse", benchmark_split: str = "group"):
+                 whitespace: str = "collapse", benchmark_split: str = "group", benchmark_options: dict | None = None):
         if isinstance(sources, str) or not sources:
             raise KTMError(f"reading sources must be a non-empty list, got {sources!r}", "e.g. sources: [sotu, django_docs, stdlib]")
         for s in sources:
@@ -180,15 +185,24 @@ class Reading(Benchmark):
                      "set data.benchmark_args.whitespace: keep (newlines and indentation as written) or collapse")
         check_choice("reading benchmark_split", benchmark_split, ("group", "example"),
                      "set data.benchmark_args.benchmark_split: group (the benchmark's groups) or example (each prompt)")
+        if benchmark_options and not any(s.startswith("benchmark:") for s in sources):
+            raise KTMError("reading benchmark_options are set but no source is benchmark:<name>",
+                           "remove data.benchmark_args.benchmark_options or add a benchmark:<name> source")
+        for s in sources:  # a wrong benchmark name or option fails here, before any window is built
+            if s.startswith("benchmark:"):
+                get_benchmark(s.partition(":")[2], seed=seed, **(benchmark_options or {}))
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,
                          reconstruction_share=float(reconstruction_share), windows_per_document=windows_per_document,
                          max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction,
-                         whitespace=whitespace, benchmark_split=benchmark_split)
+                         whitespace=whitespace, benchmark_split=benchmark_split, benchmark_options=dict(benchmark_options or {}))
 
     def cache_key(self, stage: str) -> dict[str, Any]:
         key = super().cache_key(stage)
         if "stdlib" in self.options["sources"]:
             key["stdlib"] = stdlib_fingerprint()
+        for source in self.options["sources"]:
+            if source.startswith("benchmark:"):  # its own key (files, hub revision): new task data means new windows
+                key[source] = benchmark_key(source.partition(":")[2], self.seed, self.options["benchmark_options"])
         return key
 
     def documents(self, source: str) -> Iterator[tuple[str, str]]:
@@ -204,7 +218,7 @@ class Reading(Benchmark):
             return path_documents(rest, o["text_field"])
         if kind == "hf":
             return hub_documents(rest, o["text_field"], o["max_documents"])
-        return benchmark_documents(rest, self.seed, o["benchmark_split"])
+        return benchmark_documents(rest, self.seed, o["benchmark_split"], o["benchmark_options"])
 
     def build(self, stage: str) -> Splits:
         o = self.options

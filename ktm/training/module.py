@@ -182,7 +182,9 @@ class KTMModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         self.results: dict[str, dict[int, dict[str, float]]] = {}
         self._label_ids: list[int] = []
-        self._warned_ks: set[int] = set()
+        # {K: {"max_correction_ratio", "step", "warned"}}: the watch's record over the whole fit (checkpointed),
+        # written to metrics.json so "no encoder diverged" is a file, not a search through TensorBoard
+        self.encoder_watch: dict[int, dict[str, Any]] = {}
         self._encoder_lrs = encoder_lrs  # {K: lr}, empty when one lr serves all encoders
         self._k_entry: list[int] | None = None  # the K schedule entry trained last (checkpointed)
         self.trained_step: int | None = None  # global step of the checkpoint this trainer call loaded (None: none)
@@ -338,8 +340,11 @@ class KTMModule(L.LightningModule):
         """
         ratio = self.model.correction_ratio(prompt_ids, k, kept)
         self.log(f"train/k{k}/encoder_correction_ratio", ratio, batch_size=bs)
-        if ratio > DIVERGING_ENCODER and k not in self._warned_ks:
-            self._warned_ks.add(k)
+        seen = self.encoder_watch.setdefault(k, {"max_correction_ratio": ratio, "step": self.global_step, "warned": False})
+        if ratio > seen["max_correction_ratio"]:
+            seen.update(max_correction_ratio=ratio, step=self.global_step)
+        if ratio > DIVERGING_ENCODER and not seen["warned"]:
+            seen["warned"] = True
             log.warning("the K=%d merge encoder's learned correction is %.0fx the mean of its tokens "
                         "(train/k%d/encoder_correction_ratio): it is diverging and K=%d will likely stay at chance; "
                         "set model.encoder_bound (e.g. 1.0) or lower model.lr_encoder for it (e.g. {..., %d: 1.0e-4})", k, ratio, k, k, k)
@@ -468,6 +473,7 @@ class KTMModule(L.LightningModule):
         checkpoint["ktm"] = self.model.metadata()
         checkpoint["ktm_counts"] = {"truncated_prompts": self.model.truncated_prompts}  # so a resumed run keeps counting
         checkpoint["ktm_k_entry"] = self._k_entry  # a resumed epoch is not a K change
+        checkpoint["ktm_encoder_watch"] = self.encoder_watch  # a resumed run keeps its largest ratio and its warning
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ktm")
@@ -480,6 +486,7 @@ class KTMModule(L.LightningModule):
                            "resume with the run's own config (checkpoints/<exp>/<run>/config.yaml)")
         self.model.truncated_prompts = checkpoint.get("ktm_counts", {}).get("truncated_prompts", 0)
         self._k_entry = checkpoint.get("ktm_k_entry")
+        self.encoder_watch = {int(k): dict(v) for k, v in checkpoint.get("ktm_encoder_watch", {}).items()}
         self.trained_step = checkpoint.get("global_step")  # `ktm test` logs at it (its own trainer is at step 0)
 
 
