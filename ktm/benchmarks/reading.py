@@ -124,16 +124,10 @@ def hub_documents(spec: str, text_field: str, limit: int) -> Iterator[tuple[str,
         yield f"{name}#{i}", str(row[text_field])
 
 
-def benchmark_documents(name: str, seed: int, split: str = "group", options: dict | None = None) -> Iterator[tuple[str, str]]:
-    bench = get_benchmark(name, seed=seed, **(options or {}))
+def benchmark_documents(bench: Benchmark, split: str = "group") -> Iterator[tuple[str, str]]:
     for i, e in enumerate(bench.load(bench.stages[0]).train):  # training text only: val/test stay unseen
-        doc_id = f"{name}/{e.group}" if split == "group" else f"{name}/{e.group}#{i}"
+        doc_id = f"{bench.name}/{e.group}" if split == "group" else f"{bench.name}/{e.group}#{i}"
         yield doc_id, f"{e.prompt}{e.target}" if bench.task == "perplexity" else e.prompt
-
-
-def benchmark_key(name: str, seed: int, options: dict | None = None) -> dict[str, Any]:
-    bench = get_benchmark(name, seed=seed, **(options or {}))
-    return bench.cache_key(bench.stages[0])
 
 
 def windows(text: str, prefix_words: int, continuation_words: int, limit: int, whitespace: str = "collapse") -> list[tuple[str, str]]:
@@ -188,9 +182,9 @@ class Reading(Benchmark):
         if benchmark_options and not any(s.startswith("benchmark:") for s in sources):
             raise KTMError("reading benchmark_options are set but no source is benchmark:<name>",
                            "remove data.benchmark_args.benchmark_options or add a benchmark:<name> source")
-        for s in sources:  # a wrong benchmark name or option fails here, before any window is built
-            if s.startswith("benchmark:"):
-                get_benchmark(s.partition(":")[2], seed=seed, **(benchmark_options or {}))
+        # Built once: a wrong benchmark name or option fails here, before any window is built
+        self.benchmarks = {s: get_benchmark(s.partition(":")[2], seed=seed, **(benchmark_options or {}))
+                           for s in sources if s.startswith("benchmark:")}
         super().__init__(seed, sources=list(sources), prefix_words=prefix_words, continuation_words=continuation_words,
                          reconstruction_share=float(reconstruction_share), windows_per_document=windows_per_document,
                          max_documents=max_documents, text_field=text_field, test_fraction=test_fraction, val_fraction=val_fraction,
@@ -200,9 +194,8 @@ class Reading(Benchmark):
         key = super().cache_key(stage)
         if "stdlib" in self.options["sources"]:
             key["stdlib"] = stdlib_fingerprint()
-        for source in self.options["sources"]:
-            if source.startswith("benchmark:"):  # its own key (files, hub revision): new task data means new windows
-                key[source] = benchmark_key(source.partition(":")[2], self.seed, self.options["benchmark_options"])
+        for source, bench in self.benchmarks.items():  # its own key (files, hub revision): new task data, new windows
+            key[source] = bench.cache_key(bench.stages[0])
         return key
 
     def documents(self, source: str) -> Iterator[tuple[str, str]]:
@@ -218,7 +211,7 @@ class Reading(Benchmark):
             return path_documents(rest, o["text_field"])
         if kind == "hf":
             return hub_documents(rest, o["text_field"], o["max_documents"])
-        return benchmark_documents(rest, self.seed, o["benchmark_split"], o["benchmark_options"])
+        return benchmark_documents(self.benchmarks[source], o["benchmark_split"])
 
     def build(self, stage: str) -> Splits:
         o = self.options
