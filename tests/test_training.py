@@ -83,6 +83,19 @@ def test_a_run_capped_by_max_steps_mid_epoch_still_validates_once(tmp_path, caps
     assert len(epoch_lines) == 1 and epoch_lines[0].startswith("ktm: epoch 0 | step 3 | K=2 |")
 
 
+def test_a_redirected_log_gets_progress_lines_within_an_epoch(tmp_path, capsys, monkeypatch):
+    from ktm.training import callbacks
+
+    monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    root = str(tmp_path / "runs")  # 32 examples, batch 8: 4 steps in one epoch
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "progress", "--trainer.max_epochs=1",
+                 "--trainer.max_time=00:00:30:00", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ktm: progress: ")]
+    assert [line.split(" | ")[0] for line in lines] == [f"ktm: progress: step {s}/4" for s in (1, 2, 3, 4)]
+    assert all(" | K=2 | loss " in line and "max_time stops it in " in line for line in lines)
+    assert "min left at this pace" in lines[0] and "min left" not in lines[-1]  # nothing left after the last step
+
+
 def test_encoder_learning_rate_per_k():
     from ktm.errors import KTMError
     from ktm.training.module import KTMModule

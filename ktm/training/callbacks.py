@@ -7,6 +7,7 @@ Every number written here comes from the run itself; files are written atomicall
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 from ktm.environment import environment
@@ -634,22 +636,49 @@ class ValidateAtMaxSteps(L.Callback):
             trainer.should_stop = True
 
 
+PROGRESS_EVERY_S = 120.0  # a progress line this often while stderr is not a terminal (a redirected log)
+
+
 class EpochLog(L.Callback):
     """One line per validation (epoch end) on the ktm logger: step, K, training loss, the val metrics per
-    K, elapsed time. Shows in a redirected log, where the progress bar writes nothing until the end."""
+    K, elapsed time. Shows in a redirected log, where the progress bar writes nothing until the end; there,
+    a progress line every PROGRESS_EVERY_S also says how far a long epoch has got (step of the planned
+    steps, K, the step's loss, and the time left at this session's pace), so a slow run never looks hung."""
 
     def __init__(self):
-        self._start = time.monotonic()
+        self._start = self._last = time.monotonic()
+        self._first_step = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._start = time.monotonic()
+        self._start = self._last = time.monotonic()
+        self._first_step = trainer.global_step  # a resumed run: its pace counts from here
         if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
             log.info("training in %s precision on %s, %s attention, frozen base linears in %s", trainer.precision,
                      trainer.accelerator.__class__.__name__, pl_module.model.attention,  # model.attention
                      str(pl_module.model.frozen_linear_dtype).removeprefix("torch."))
 
     @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY_S or sys.stderr.isatty():
+            return
+        self._last = now
+        step, elapsed = trainer.global_step, now - self._start
+        planned = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        parts = [f"step {step}" + (f"/{int(planned)}" if math.isfinite(planned) else ""), f"K={pl_module.current_k()}",
+                 f"loss {float(loss):.3f}" if loss is not None else "loss -", f"{elapsed:.0f} s"]
+        done = step - self._first_step
+        if done > 0 and math.isfinite(planned) and planned > step:
+            parts.append(f"about {(planned - step) * elapsed / done / 60:.0f} min left at this pace")
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
+        if timer is not None and timer.time_remaining("train") is not None:
+            parts.append(f"max_time stops it in {timer.time_remaining('train') / 60:.0f} min")
+        log.info("progress: " + " | ".join(parts))
+
+    @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
+        self._last = time.monotonic()  # the epoch line just said where the run is
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         loss = trainer.callback_metrics.get("train/loss")
