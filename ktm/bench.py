@@ -25,7 +25,10 @@ computed per round and reported as the median of the `--repeats` per-round ratio
 reported as median with min/max and quartiles.
 Targets are printed as PASS/MISS; the command never fails on timing. Speed does not depend on the
 weight values, so the config-built shapes (random weights) stand in for the real models.
-Outputs: checkpoints/bench/<name>/{results.json, results.md, speedup.png}.
+`--compile` times the prefills with the LM under torch.compile, as a server would run it; `--profile` adds
+the operator table of one bare-base prefill per (batch, length), which says where the time below the matmul
+peak goes (on 2 EPYC cores in bf16: the CPU attention kernel, README Speed).
+Outputs: checkpoints/bench/<name>/{results.json, results.md, speedup.png[, prefill_profile.txt]}.
 """
 
 from __future__ import annotations
@@ -120,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto = bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16, AMX), else float32")
+    p.add_argument("--compile", action="store_true",
+                   help="time TTFT, ceiling and merged TTFT with the LM under torch.compile (inductor), as a server "
+                   "would run it; each shape compiles in the warm-up round (tens of seconds on CPU); the training "
+                   "step stays eager")
+    p.add_argument("--profile", action="store_true",
+                   help="after each (batch, length), profile one bare-base prefill at K=1 (the ceiling) and write "
+                   "its operator table, by self time, to prefill_profile.txt: where the time below the matmul peak goes")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and embeddings")
     p.add_argument("--name", default=None, help="output folder name under --out-root (default: a timestamp)")
@@ -409,13 +419,17 @@ def e2e_once(model, texts: list[str], k: int, clock: Clock) -> tuple[float, dict
 
 @torch.no_grad()
 def ceiling_once(model, embeds: torch.Tensor, clock: Clock) -> float:
-    """Prefill of the bare base (LoRA off) on given embeddings: no tokenizer, no encoder, no padding."""
+    """Prefill of the bare base (LoRA off) on given embeddings: no tokenizer, no encoder, no padding; the LM
+    head on the last position as KTMModel.prefill runs it (last_positions)."""
+    from ktm.model import last_positions
+
     B, L, _ = embeds.shape
     mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
     pos = torch.arange(L, device=embeds.device).expand(B, L)
     with model.bare_base():
         t0 = clock.now()
-        out = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=True)
+        out = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                       logits_to_keep=last_positions(1, L, embeds.device), use_cache=True)
         t1 = clock.now()
     del out
     return t1 - t0
@@ -631,7 +645,8 @@ def device_info(a, device: torch.device) -> dict:
     from ktm.environment import cpu_has_native_bf16
 
     info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
+            "compiled": bool(getattr(a, "compile", False))}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["attention"] = "sdpa"
@@ -759,7 +774,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# ktm bench: {meta['name']}", "",
         f"Device: {dev['device']} ({where(dev)}), {dev['threads']} threads, dtype {dev['dtype']}, torch {dev['torch']}, "
-        f"transformers {dev['transformers']}. {meta['weights_note']}", "",
+        f"transformers {dev['transformers']}{', LM under torch.compile' if dev.get('compiled') else ', eager'}. "
+        f"{meta['weights_note']}", "",
         f"Command: `{meta['command']}`", "",
         *_peak_lines(result),
         f"{meta['args']['warmup']} warm-up rounds, then {meta['args']['repeats']} timed rounds; one round runs every K's "
@@ -860,20 +876,63 @@ def load_model(name: str, base: str, a, device):
     return model
 
 
-def measure_model(name: str, model, a, clock: Clock, mem: PeakMemory, device, peak: dict | None) -> tuple[list, list]:
+@contextlib.contextmanager
+def compiled_lms(*models):
+    """Each model's LM under torch.compile while inside (None entries skipped), the eager LM back afterwards.
+    Shapes start static; a second shape (decode's growing cache) recompiles once with dynamic sizes. The limit
+    on recompiles is raised so that no variant (adapters on and off, every length and K) falls back to eager."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 64)
+    eager = [(m, m.lm) for m in models if m is not None]
+    try:
+        for m, lm in eager:
+            m.lm = torch.compile(lm)
+        yield
+    finally:
+        for m, lm in eager:
+            m.lm = lm
+        torch._dynamo.config.cache_size_limit = limit
+
+
+def measure_model(name: str, model, a, clock: Clock, mem: PeakMemory, device, peak: dict | None,
+                  profiles: dict) -> tuple[list, list]:
     served = model.merged_for_serving() if a.merged and model.lora_settings is not None else None
+    with compiled_lms(model, served) if a.compile else contextlib.nullcontext():
+        rows = measure_prefills(name, model, served, a, clock, mem, device, peak, profiles)
+    del served
+    train = [{"model": name, **r} for r in measure_training(model, a, clock, mem)] if a.train_length else []
+    return rows, train
+
+
+def ceiling_profile(model, embeds: torch.Tensor, clock: Clock, rows: int = 15) -> str:
+    """The operator table (self time, largest first) of one bare-base prefill, as ceiling_once runs it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embeds.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = ceiling_once(model, embeds, clock)
+    key = "self_cuda_time_total" if embeds.device.type == "cuda" else "self_cpu_time_total"
+    return f"one prefill, {seconds:.3f} s under the profiler\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def measure_prefills(name: str, model, served, a, clock: Clock, mem: PeakMemory, device, peak: dict | None,
+                     profiles: dict) -> list[dict]:
     rows = []
     for B in a.batch_sizes:
         for N in a.lengths:
-            group = measure_group(model, served, make_texts(model, N, B, a.seed), a, clock, mem, device)
+            texts = make_texts(model, N, B, a.seed)
+            group = measure_group(model, served, texts, a, clock, mem, device)
+            if a.profile:
+                profiles[f"{name}, batch {B}, {N} tokens, bare base (K=1 ceiling)"] = ceiling_profile(
+                    model, ceiling_embeds(model, texts, 1, a.seed, device), clock)
             add_flop_rates(group, model, peak)
             for r in group:
                 log.info("bench: %s B=%d N=%d K=%d  TTFT %.3fs  ceiling %.3fs", name, B, N, r["k"],
                          r["ttft_e2e_s"]["median"], r["ceiling_s"]["median"])
             rows += [{"model": name, **r} for r in group]
-    del served
-    train = [{"model": name, **r} for r in measure_training(model, a, clock, mem)] if a.train_length else []
-    return rows, train
+    return rows
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -883,12 +942,12 @@ def run(a: argparse.Namespace) -> dict:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     clock, mem = Clock(device), PeakMemory(device)
-    rows, train, peaks = [], [], None
+    rows, train, peaks, profiles = [], [], None, {}
     for name, base in zip(a.models, a.bases):
         model = load_model(name, base, a, device)  # a bad length fails here, before any timing
         if peaks is None:  # once, before the first model's measurements
             peaks = matmul_peaks(a, device, clock) if a.peak_size else {}
-        r, t = measure_model(name, model, a, clock, mem, device, peaks.get(a.dtype))
+        r, t = measure_model(name, model, a, clock, mem, device, peaks.get(a.dtype), profiles)
         rows, train = rows + r, train + t
         del model
         gc.collect()
@@ -902,7 +961,7 @@ def run(a: argparse.Namespace) -> dict:
     return {"meta": {"name": a.name, "command": a.command, "args": args, "device_info": device_info(a, device),
                      "environment": environment(), "matmul_peak": peaks, "memory_method": mem.method,
                      "weights_note": weights, "created": datetime.now().isoformat(timespec="seconds")},
-            "rows": rows, "train": train, "targets": target_summary(rows, train)}
+            "rows": rows, "train": train, "targets": target_summary(rows, train), "profiles": profiles}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -920,6 +979,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out_dir / "results.json", result)
     write_text(out_dir / "results.md", md)
     plot(result["rows"], out_dir / "speedup.png", result["meta"]["device_info"])
+    if result["profiles"]:
+        write_text(out_dir / "prefill_profile.txt", "".join(f"## {where}\n{table}\n" for where, table in result["profiles"].items()))
     print(md)
-    print(f"ktm bench: results in {out_dir}/ (results.json, results.md, speedup.png)")
+    extra = ", prefill_profile.txt" if result["profiles"] else ""
+    print(f"ktm bench: results in {out_dir}/ (results.json, results.md, speedup.png{extra})")
     return result

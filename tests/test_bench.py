@@ -414,3 +414,40 @@ def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_cpu_computes_it(monkeypatc
     monkeypatch.setattr(ktm.environment, "cpu_has_native_bf16", lambda: native)
     assert bench.parse_args(["--models", "tiny-llama", "--device", "cpu"]).dtype == dtype
     assert bench.parse_args(["--models", "tiny-llama", "--device", "cpu", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_compile_runs_every_prefill_compiled_and_restores_the_eager_lm(lora_model):
+    """`ktm bench --compile`: inside, the model's and the served copy's LM are torch.compile'd and give the eager
+    logits (adapters on, and off for the ceiling: peft's switch still reaches the compiled LM); afterwards the
+    eager modules are back, so the training step and later code never see the wrapper."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    m, served = lora_model, lora_model.merged_for_serving()
+    eager = (m.lm, served.lm)
+    batch = m.build_batch(m.tokenize_prompts(PROMPTS), 4)
+    want = m.prefill(batch).logits
+    with m.bare_base():
+        want_bare = m.prefill(batch).logits
+    with bench.compiled_lms(m, None, served):
+        assert isinstance(m.lm, OptimizedModule) and isinstance(served.lm, OptimizedModule)
+        got = m.prefill(batch).logits
+        with m.bare_base():
+            got_bare = m.prefill(batch).logits
+        got_served = served.prefill(served.build_batch(served.tokenize_prompts(PROMPTS), 4)).logits
+    assert m.lm is eager[0] and served.lm is eager[1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_bare, want_bare, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_served, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got_bare, got, atol=1e-3)  # the bare run really had its adapters off
+
+
+def test_profile_writes_the_bare_base_prefill_operator_table(tmp_path):
+    argv = ["--models", "tiny-llama", "--lengths", "32", "--ks", "2", "--repeats", "1", "--warmup", "0",
+            "--decode-tokens", "0", "--train-length", "0", "--device", "cpu", "--dtype", "float32", "--threads", "1",
+            "--peak-size", "0", "--no-merged", "--profile", "--name", "p", "--out-root", str(tmp_path)]
+    res = bench.main(argv)
+    text = (tmp_path / "p" / "prefill_profile.txt").read_text()
+    assert text.startswith("## tiny-llama, batch 1, 32 tokens, bare base (K=1 ceiling)\none prefill, ")
+    assert "Self CPU" in text and ("aten::mm" in text or "aten::addmm" in text or "aten::linear" in text)
+    assert list(res["profiles"]) == ["tiny-llama, batch 1, 32 tokens, bare base (K=1 ceiling)"]
+    assert not res["meta"]["device_info"]["compiled"]
