@@ -913,7 +913,7 @@ def ceiling_profile(model, embeds: torch.Tensor, clock: Clock, rows: int = 15) -
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embeds.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         seconds = ceiling_once(model, embeds, clock)
-    key = "self_cuda_time_total" if embeds.device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if embeds.device.type == "cuda" else "self_cpu_time_total"
     return f"one prefill, {seconds:.3f} s under the profiler\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
