@@ -646,7 +646,7 @@ def device_info(a, device: torch.device) -> dict:
 
     info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
-            "compiled": bool(getattr(a, "compile", False))}
+            "compiled": a.compile}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["attention"] = "sdpa"

@@ -118,8 +118,8 @@ def test_last_positions(n, length, expected):
 
 
 def test_the_lm_head_reads_the_kept_positions_without_copying_its_weight():
-    """logits_to_keep as indices (last_positions) gives the int form's logits, and no step of the forward copies a
-    copy of the head weight. With the int form's strided slice, torch.matmul on bfloat16 expands and
+    """logits_to_keep as indices (last_positions) gives the int form's logits, and no step of the forward copies the
+    head weight. With the int form's strided slice, torch.matmul on bfloat16 expands and
     copies the transposed weight once per row on every call (0.65 s of a 1.2 s prefill for Qwen2.5's vocabulary
     on 2 CPU cores, README Speed)."""
     from torch.profiler import ProfilerActivity, profile
