@@ -47,7 +47,7 @@ def test_the_task_reading_stage_runs_once_per_seed_on_that_seeds_data():
     assert loop.startswith(read)
 
 
-@pytest.mark.parametrize("args", [("READ=",), ("EXP=amazon_k4",)])
+@pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k2",)])
 def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
     lines = _ktm(_dry("train", *args))
     assert len(lines) == 2 and "init_from" not in lines[0] and "read_k" not in " ".join(lines)
@@ -63,13 +63,13 @@ def test_train_with_seeds_runs_each_into_its_folder():
 
 @pytest.mark.parametrize("seeds, run", [("", "k1ref"), ("SEEDS=5", "k1ref_s$s")])
 def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
-    lines = _ktm(_dry("reference", "EXP=amazon_k4", *([seeds] if seeds else [])))
-    fit = f".venv/bin/ktm fit --exp amazon_k4 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
-    assert fit in lines[0] and f"--config checkpoints/amazon_k4/{run}/config.yaml" in lines[0]
+    lines = _ktm(_dry("reference", "EXP=commitpack_k2", *([seeds] if seeds else [])))
+    fit = f".venv/bin/ktm fit --exp commitpack_k2 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
+    assert fit in lines[0] and f"--config checkpoints/commitpack_k2/{run}/config.yaml" in lines[0]
     assert ("--seed_everything=$s --data.seed=$s" in lines[0]) == bool(seeds)
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
-    assert lines[-1] == ".venv/bin/ktm report checkpoints/amazon_k4"
-    assert "init_from" not in " ".join(lines)  # amazon_k4 has no default reading checkpoint
+    assert lines[-1] == ".venv/bin/ktm report checkpoints/commitpack_k2"
+    assert "init_from" not in " ".join(lines)  # commitpack_k2 has no default reading checkpoint
 
 
 def test_reference_starts_from_the_reading_checkpoint_of_make_train():
@@ -83,11 +83,20 @@ def test_reference_starts_from_the_reading_checkpoint_of_make_train():
 
 
 def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
-    lines = _ktm(_dry("train", "EXP=amazon_k4", "READ=read_k4"))
+    lines = _ktm(_dry("train", "EXP=commitpack_k2", "READ=read_k4"))
     made, fit = lines[0], lines[1]
     # made only when no finished run of its config is there (--reuse): a finished reading run is reused by every task run
     # fit only: make train's first run pays the reading fit, not its held-out test as well
     assert made == ".venv/bin/ktm fit --exp read_k4 --run default --reuse"
-    assert fit == ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
+    assert fit == ".venv/bin/ktm fit --exp commitpack_k2 --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "TASK_READ=", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
+
+
+def test_amazon_reads_prose_then_its_own_sentences_then_trains():
+    """amazon_k4 starts from the same two reading stages as the tree (README Results: higher K=4 in every seed)."""
+    assert _ktm(_dry("train", "EXP=amazon_k4")) == [
+        ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
+        ".venv/bin/ktm fit --exp read_amazon_k4 --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
+        ".venv/bin/ktm fit --exp amazon_k4 --run default --model.init_from=checkpoints/read_amazon_k4/default/export ",
+        ".venv/bin/ktm test --config checkpoints/amazon_k4/default/config.yaml --ckpt_path checkpoints/amazon_k4/default/checkpoints/last.ckpt"]
