@@ -11,7 +11,7 @@ SEEDS      ?=
 COMPRESSORS ?=
 ARGS       ?=
 # READ: a reading experiment (read_k4, read_k1248, ...) whose checkpoint the task starts from. Made once
-# into checkpoints/$(READ)/default (fit only: read_k1248 15 min on 2 cores with bf16, 28 in float32 on AVX2),
+# into checkpoints/$(READ)/default (fit only: read_k1248 8-16 min on 2 cores with bf16, 28 in float32 on AVX2),
 # then reused by every run while it was made with the experiment's current config (ktm fit --reuse; a
 # changed recipe is refused with the setting that differs). Experiments with a READ_DEFAULT below start from
 # it unless given READ= (empty).
