@@ -79,13 +79,15 @@ class KMetrics(torch.nn.Module):
                 "accuracy": MulticlassAccuracy(num_classes, average="micro"),
                 "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
             })
-        self.sums = SumMetric(("nll", "target_tokens", "prompt_tokens", "merged_tokens", "examples", *(f"label{i}" for i in range(num_classes))))
+        self.sums = SumMetric(("nll", "target_tokens", "prompt_tokens", "merged_tokens", "adapted_tokens", "examples",
+                               *(f"label{i}" for i in range(num_classes))))
 
-    def update(self, nll, target_tokens, prompt_tokens, merged_tokens, preds=None, labels=None) -> None:
-        extra = {}
+    def update(self, nll, target_tokens, prompt_tokens, merged_tokens, preds=None, labels=None, adapted_tokens=None) -> None:
+        """adapted_tokens: (B,) prompt tokens a budget layout merges at another K than the fixed one (None: 0)."""
+        extra = {} if adapted_tokens is None else {"adapted_tokens": adapted_tokens}
         if self.num_classes and labels is not None:
             self.cls.update(preds, labels)
-            extra = {f"label{i}": (labels == i).sum() for i in range(self.num_classes)}
+            extra.update({f"label{i}": (labels == i).sum() for i in range(self.num_classes)})
         self.sums.update(nll=nll, target_tokens=target_tokens, prompt_tokens=prompt_tokens, merged_tokens=merged_tokens,
                          examples=torch.tensor(float(len(prompt_tokens))), **extra)
 
@@ -96,6 +98,7 @@ class KMetrics(torch.nn.Module):
             "compression": compression_rate(s["prompt_tokens"], s["merged_tokens"]),
             "prompt_tokens_mean": s["prompt_tokens"] / max(s["examples"], 1.0),
             "merged_tokens_mean": s["merged_tokens"] / max(s["examples"], 1.0),
+            "adapted_share": s["adapted_tokens"] / max(s["prompt_tokens"], 1.0),  # budget policy: tokens off the fixed K
             "examples": s["examples"],
         }
         if self.num_classes:

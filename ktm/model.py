@@ -37,7 +37,7 @@ from torch import nn
 from ktm.encoder import MergeEncoder, encoder_parameters
 from ktm.errors import KTMError, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
-from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, runs_teacher_positions
+from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, moved_tokens, runs_teacher_positions
 
 log = logging.getLogger("ktm")
 # peft imports bitsandbytes when installed (lightning[extra] pulls it in); on CPUs with AVX512-BF16 it warns
@@ -81,6 +81,7 @@ class Batch:
     targets: torch.Tensor | None  # (B, T) right-aligned target ids, -100 = no target
     prompt_tokens: torch.Tensor  # (B,) original prompt length in tokens
     merged_tokens: torch.Tensor  # (B,) prompt length after merging
+    adapted_tokens: torch.Tensor | None = None  # (B,) budget policy: prompt tokens at another K than the fixed layout's
 
 
 def check_k(k) -> int:
@@ -574,8 +575,12 @@ class KTMModel(nn.Module):
         lengths = [len(p) for p in prompt_ids]
         kept = _check_kept(kept, lengths)
         policy = self.merge_policy if policy is None else policy
+        adapted = None
         if self.compressor.name == "merge" and policy == "budget" and k > 1:
-            prompts = self._merge_runs(prompt_ids, self.layouts(prompt_ids, k, kept, policy))
+            runs = self.layouts(prompt_ids, k, kept, policy)
+            prompts = self._merge_runs(prompt_ids, runs)
+            fixed = self.layouts(prompt_ids, k, kept, "fixed")
+            adapted = torch.tensor([moved_tokens(r, f) for r, f in zip(runs, fixed)])
         elif self.compressor.name == "merge":
             encoder = self._encoder(k)
             emb, layouts, blocks = self._blocks(prompt_ids, k, kept)
@@ -620,6 +625,7 @@ class KTMModel(nn.Module):
             targets=targets,
             prompt_tokens=torch.tensor(lengths),
             merged_tokens=torch.tensor(p_lens),
+            adapted_tokens=adapted,
         )
 
     # -- forward passes --------------------------------------------------------------------------

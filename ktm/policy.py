@@ -145,6 +145,15 @@ def _joined(runs: Runs) -> Runs:
     return out
 
 
+def moved_tokens(runs: Runs, reference: Runs) -> int:
+    """Tokens of one prompt that two layouts of it merge at different K (0 when they are the same): how far
+    a budget layout departs from the fixed one, reported as `adapted_share` at evaluation."""
+    def per_token(layout: Runs) -> list[int]:
+        return [k for t, k in layout for _ in range(t)]
+
+    return sum(a != b for a, b in zip(per_token(runs), per_token(reference)))
+
+
 def runs_teacher_positions(runs: Runs, targets: int = 0) -> list[int]:
     """ktm.model.teacher_positions for any layout: a token with itself, a block with its last token."""
     out, p = [], 0

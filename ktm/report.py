@@ -21,6 +21,7 @@ CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("balanced acc.", "balanced_
 PERPLEXITY_COLUMNS = [("perplexity", "perplexity"), ("uncompressed (K=1)", "perplexity_uncompressed"),
                       ("P = ppl1/ppl", "performance"), ("compression L", "compression"), ("P-L F1", "pl_f1")]
 BASE_COLUMNS = [("bare base (K=1, no LoRA)", "perplexity_base"), ("ppl / base ppl", "perplexity_vs_base")]
+ADAPTED_COLUMNS = [("positions read", "merged_tokens_mean"), ("tokens off the fixed K", "adapted_share")]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -34,13 +35,15 @@ def render(metrics: dict, title: str = "") -> str:
              f"source `{data.get('source')}`, global step {metrics.get('global_step')}, "
              f"wall time (s) {metrics.get('wall_seconds')}", ""]
     classification = data.get("task") == "classification"
-    columns = CLASSIFICATION_COLUMNS if classification else PERPLEXITY_COLUMNS
     for split in ("test", "val"):
         rows = metrics.get(split)
         if not rows:
             continue
+        columns = CLASSIFICATION_COLUMNS if classification else PERPLEXITY_COLUMNS
         if any("perplexity_base" in m for m in rows.values()):  # model.eval_base: the bare base beside each K
             columns = PERPLEXITY_COLUMNS + BASE_COLUMNS
+        if any(m.get("adapted_share") for m in rows.values()):  # budget policy: how far its layouts left fixed K
+            columns = columns + ADAPTED_COLUMNS
         lines += ["| split | K | examples | " + " | ".join(title for title, _ in columns) + " |",
                   "|---|---|---|" + "---|" * len(columns)]
         for k, m in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):

@@ -12,7 +12,8 @@ from ktm.cli import main
 from ktm.errors import KTMError
 from ktm.io import write_json
 from ktm.model import KTMModel, LoraSettings, merged_length
-from ktm.policy import TokenScores, allocate, budget_runs, runs_length, runs_teacher_positions, token_surprisal
+from ktm.policy import (TokenScores, allocate, budget_runs, moved_tokens, runs_length, runs_teacher_positions,
+                        token_surprisal)
 from ktm.training.module import KTMModule, step_draw
 
 
@@ -40,6 +41,16 @@ def test_budget_layouts(n, k, ks, scores, expected):
     assert runs == expected
     _check_cover(runs, n)
     assert runs_length(runs) <= merged_length(n, k)
+
+
+@pytest.mark.parametrize("runs, reference, moved", [
+    ([(64, 4)], [(64, 4)], 0),                                # the fixed layout itself
+    ([(16, 2), (16, 4), (32, 8)], [(64, 4)], 48),             # the dense window and the two predictable ones
+    ([(3, 1), (16, 2), (16, 4), (32, 8)], [(3, 1), (64, 4)], 48),  # a head in tokens in both does not count
+    ([(20, 1), (44, 4)], [(64, 2)], 64),                      # every token at another K
+])
+def test_moved_tokens_counts_the_tokens_merged_at_another_k(runs, reference, moved):
+    assert moved_tokens(runs, reference) == moved
 
 
 def test_the_budget_meets_the_fixed_length_within_one_block_and_keeps_the_tail_in_tokens():
@@ -117,6 +128,9 @@ def test_a_budget_batch_mixes_ks_and_gives_each_example_its_result_alone(budget)
     assert len({k for runs in layouts for _, k in runs if k > 1}) > 1  # mixed K in one batch
     batch = budget.build_batch(ids, 4, budget.tokenize_targets(["x", "y", "z"]))
     assert batch.merged_tokens.tolist() == [runs_length(r) for r in layouts]
+    fixed = budget.layouts(ids, 4, policy="fixed")
+    assert batch.adapted_tokens.tolist() == [moved_tokens(r, f) for r, f in zip(layouts, fixed)]
+    assert batch.adapted_tokens.sum() > 0 and budget.build_batch(ids, 4, policy="fixed").adapted_tokens is None
     for i, p in enumerate(ids):
         alone = budget.build_batch([p], 4, budget.tokenize_targets([["x", "y", "z"][i]]))
         n = int(alone.attention_mask.sum())
@@ -211,7 +225,8 @@ def test_a_tiny_fit_with_the_budget_policy_trains_and_evaluates_by_it(tmp_path, 
     steps = [e.value for e in acc.Scalars("train/budget_step")]
     assert set(steps) == {0.0, 1.0}  # both layouts trained
     assert json.loads((run / "export" / "ktm.json").read_text())["merge_policy"] == "budget"
-    assert "k2" in json.loads((run / "metrics.json").read_text())["val"]
+    val = json.loads((run / "metrics.json").read_text())["val"]
+    assert val["k1"]["adapted_share"] == 0.0 and 0.0 <= val["k2"]["adapted_share"] <= 1.0  # written per K
 
 
 def test_hidden_distillation_aligns_a_budget_layout(budget):

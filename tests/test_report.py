@@ -137,3 +137,14 @@ def test_runs_moved_aside_by_overwrite_are_not_in_the_summary(tmp_path):
     for name in ("default", "default.old-20261201-120000"):
         write_json(tmp_path / name / "metrics.json", _classification(0.8, 0.8))
     assert [p.name for p in runs_in(tmp_path)] == ["default"]
+
+
+def test_a_budget_run_shows_how_far_its_layouts_left_the_fixed_k():
+    rows = {"k1": {"accuracy": 0.9, "examples": 10.0, "merged_tokens_mean": 24.0, "adapted_share": 0.0},
+            "k4": {"accuracy": 0.8, "examples": 10.0, "merged_tokens_mean": 6.0, "adapted_share": 0.25}}
+    doc = {"data": {"benchmark": "amazon", "task": "classification"}, "test": rows, "val": rows}
+    out = render(doc)
+    assert out.count("| positions read | tokens off the fixed K |") == 2  # once per split, not repeated
+    assert "| test | 4 | 10 | 0.800 | - | - | - | - | 6.000 | 0.250 |" in out
+    fixed = {k: {**m, "adapted_share": 0.0} for k, m in rows.items()}
+    assert "tokens off the fixed K" not in render({**doc, "test": fixed, "val": fixed})
