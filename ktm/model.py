@@ -710,14 +710,14 @@ class KTMModel(nn.Module):
             return self.target_outputs(batch, hidden)
 
     def use_attention(self, implementation: str) -> None:
-        """Switch the LM's attention kernel ("sdpa", "eager", "eager_float32" from ktm/attention.py, or any name
+        """Switch the LM's attention kernel ("sdpa", "eager", "eager_float32" or "blocked_causal" from ktm/attention.py, or any name
         transformers knows) in place; the weights are the same and the results equal up to float rounding
         (model.attention: on 2 CPU cores SDPA's backward cost ~9 ms per layer call on the tree's short merged
         prompts, the eager kernels about a third of it; README Speed)."""
-        if implementation == "eager_float32":
+        if implementation in ("eager_float32", "blocked_causal"):
             from ktm.attention import register
 
-            register()
+            register(implementation)
         if self.attention != implementation:
             with warnings.catch_warnings():  # transformers 5 calls its own deprecated is_gradient_checkpointing here
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

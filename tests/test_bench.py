@@ -35,6 +35,7 @@ def test_cli_writes_all_outputs(run):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = res["meta"]
     assert meta["device_info"]["device"] == "cpu" and meta["device_info"]["dtype"] == "float32"
+    assert meta["device_info"]["attention"] == "blocked_causal"  # --attention auto on CPU
     assert meta["device_info"]["threads"] == 1 and meta["device_info"]["torch"] == torch.__version__
     assert "Random weights" in meta["weights_note"]
     assert meta["environment"]["torch"] == torch.__version__ and "cpu_native_bf16" in meta["device_info"]
@@ -405,6 +406,8 @@ def test_batch_merged_and_peak_options_parse_on_cpu():
     assert a.batch_sizes == [2] and a.merged is True and a.peak_size == 0
     with pytest.raises(KTMError, match="--peak-size must be >= 0"):
         bench.parse_args(["--models", "tiny-llama", "--device", "cpu", "--peak-size", "-1"])
+    assert a.attention == "blocked_causal"  # --attention auto: the CPU's faster kernel (README Speed)
+    assert bench.parse_args(["--models", "tiny-llama", "--device", "cpu", "--attention", "sdpa"]).attention == "sdpa"
 
 
 @pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])

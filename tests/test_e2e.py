@@ -75,3 +75,24 @@ def test_converting_the_base_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     resolve_base("smollm2-135m")  # converts: the cache folder is empty
     assert (tmp_path / "base" / "smollm2-135m-instruct" / MANIFEST).exists()
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_blocked_causal_attention_is_as_close_to_float32_as_sdpa_on_real_text(smol):
+    # ktm/attention.py rounds the scores to bfloat16 before the softmax (SDPA keeps them in float32). On the real
+    # base in bfloat16, over ~1000 tokens of real text (this repository's README), its logits must stay as close
+    # to the float32 model's as SDPA's (README Speed: the bfloat16 linear layers dominate the error).
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ids = smol.tokenizer(text, return_tensors="pt").input_ids[:, :1000]
+    low = KTMModel.from_base("smollm2-135m", dtype="bfloat16", ks=[1], lora=None).eval()
+    with torch.no_grad():
+        reference = smol.lm(input_ids=ids).logits.float()
+        errors, agreement = {}, {}
+        for kernel in ("sdpa", "blocked_causal"):
+            low.use_attention(kernel)
+            logits = low.lm(input_ids=ids).logits.float()
+            errors[kernel] = ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).mean().item()
+            agreement[kernel] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert 0 < errors["blocked_causal"] < 1.1 * errors["sdpa"] < 0.05, errors
+    assert agreement["blocked_causal"] >= agreement["sdpa"] - 0.01, agreement

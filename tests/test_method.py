@@ -157,10 +157,10 @@ def test_batch_equals_single(tiny, k):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("kernel", ["eager", "eager_float32"])
+@pytest.mark.parametrize("kernel", ["eager", "eager_float32", "blocked_causal"])
 def test_eager_kernels_give_the_sdpa_logits_and_gradients(tiny, k, kernel):
-    # model.attention: eager, or eager_float32 (ktm/attention.py): the same model up to float rounding, padded
-    # batches included
+    # model.attention: eager, eager_float32 or blocked_causal (ktm/attention.py): the same model up to float
+    # rounding, padded batches included
     ids = tiny.tokenize_prompts(PROMPTS)
     assert tiny.attention == "sdpa"
     outputs = {}
@@ -180,10 +180,11 @@ def test_eager_kernels_give_the_sdpa_logits_and_gradients(tiny, k, kernel):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_eager_float32_attention_gets_the_padding_mask(tiny, k):
+@pytest.mark.parametrize("kernel", ["eager_float32", "blocked_causal"])
+def test_custom_attention_gets_the_padding_mask(tiny, k, kernel):
     # transformers gives a custom kernel no mask unless one is registered for it: an example's logits must not
     # depend on the padded batch it is in
-    tiny.use_attention("eager_float32")
+    tiny.use_attention(kernel)
     ids = tiny.tokenize_prompts(PROMPTS)
     together = tiny.forward(tiny.build_batch(ids, k), logits_to_keep=1).logits[:, -1]
     for i, p in enumerate(ids):
@@ -210,6 +211,35 @@ def test_eager_float32_attention_ignores_autocast_and_groups_query_heads():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1), is_causal=True)
     torch.testing.assert_close(plain.double(), expected.transpose(1, 2), atol=1e-2, rtol=0)  # the bfloat16 output rounding
+
+
+@pytest.mark.parametrize("queries, keys, block", [(7, 7, 3), (7, 7, 256), (4, 11, 3), (1, 9, 256)])
+def test_blocked_causal_attention_is_causal_attention_over_blocks(queries, keys, block):
+    # blocked_causal (ktm/attention.py) against float64 SDPA: grouped queries (4 heads on 2), blocks that do not
+    # divide the queries, the queries as the last of the keys (a decode step, a prefill after a cache), SDPA's
+    # boolean mask with one sequence left-padded, and bfloat16 inputs within their rounding
+    from ktm.attention import blocked_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, queries, 8), torch.randn(2, 2, keys, 8), torch.randn(2, 2, keys, 8)
+    causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    padded = causal.expand(2, 1, queries, keys).clone()
+    padded[1, :, :, :2] = False
+    module = torch.nn.Module().eval()
+
+    def expected(mask):
+        grouped = (q.double(), k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1))
+        return torch.nn.functional.scaled_dot_product_attention(*grouped, attn_mask=mask).transpose(1, 2)
+
+    out, weights = blocked_causal_attention(module, q, k, v, None, scaling=8 ** -0.5, block=block)
+    assert out.shape == (2, queries, 4, 8) and out.dtype == torch.float32 and weights is None
+    torch.testing.assert_close(out.double(), expected(causal), atol=1e-5, rtol=0)
+    out, _ = blocked_causal_attention(module, q, k, v, padded, scaling=8 ** -0.5, block=block)
+    seen = padded[:, 0].any(-1)  # rows that see a key at all (SDPA and this kernel differ only on the others)
+    torch.testing.assert_close(out.double()[seen], expected(padded)[seen], atol=1e-5, rtol=0)
+    low, _ = blocked_causal_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=8 ** -0.5, block=block)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), expected(causal), atol=5e-2, rtol=0)
 
 
 @pytest.mark.parametrize("k", [1, 4])

@@ -265,7 +265,7 @@ def test_eager_attention_and_a_fused_adamw_are_options_and_train(tmp_path, capsy
         # bf16-mixed keeps the frozen linears in bfloat16 (what autocast computes them in; bit-identical, test_method)
         assert (f"training in {precision} precision on CPUAccelerator, {kernel} attention, frozen base linears in {frozen}"
                 in capsys.readouterr().err)
-    with pytest.raises(KTMError, match=r"model.attention must be one of sdpa, eager, eager_float32, got 'flash'"):
+    with pytest.raises(KTMError, match=r"model.attention must be one of sdpa, eager, eager_float32, blocked_causal, got 'flash'"):
         KTMModule(base="config:tiny-llama", ks=[1, 2], attention="flash")
 
 
