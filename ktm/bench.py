@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the LM's attention kernel: sdpa (PyTorch's), eager (transformers'), blocked_causal "
                    "(ktm/attention.py: blocks of queries as GEMMs); auto = blocked_causal on CPU (1.2-1.25x faster "
                    "bf16 prefills than sdpa on 2 EPYC cores, README Speed), sdpa on CUDA")
+    p.add_argument("--versus-attention", choices=["sdpa", "eager", "blocked_causal"], default=None, metavar="KERNEL",
+                   help="also time the ceiling with this attention kernel in every round, right after the ceiling with "
+                   "--attention's, and report their per-round ratio (one kernel against another, each round's noise "
+                   "shared)")
     p.add_argument("--profile", action="store_true",
                    help="after each (batch, length), profile one bare-base prefill at K=1 (the ceiling) and write "
                    "its operator table, by self time, to prefill_profile.txt: where the time below the matmul peak goes")
@@ -441,6 +445,16 @@ def ceiling_once(model, embeds: torch.Tensor, clock: Clock) -> float:
     return t1 - t0
 
 
+def ceiling_with(model, kernel: str, embeds: torch.Tensor, clock: Clock) -> float:
+    """ceiling_once with the LM's attention switched to `kernel` for this call only (the switch is not timed)."""
+    mine = model.attention
+    model.use_attention(kernel)
+    try:
+        return ceiling_once(model, embeds, clock)
+    finally:
+        model.use_attention(mine)
+
+
 @torch.no_grad()
 def decode_once(model, batch, out, steps: int, clock: Clock) -> float:
     """Tokens/s of `steps` greedy steps on the prefill's KV cache with generate_ids' calls (decode_step,
@@ -524,6 +538,8 @@ def group_steps(model, served, texts: list[str], a, clock: Clock, mem: PeakMemor
         embeds = ceiling_embeds(model, texts, k, a.seed, device)
         steps[("e2e", k)] = functools.partial(e2e_record, model, texts, k, clock, mem, kept)
         steps[("ceiling", k)] = functools.partial(ceiling_once, model, embeds, clock)
+        if a.versus_attention:
+            steps[("versus", k)] = functools.partial(ceiling_with, model, a.versus_attention, embeds, clock)
         if served is not None:
             steps[("merged", k)] = functools.partial(merged_once, served, texts, k, clock)
     return steps
@@ -541,6 +557,8 @@ def point_row(model, texts: list[str], k: int, res: dict, kept: dict) -> dict:
     row["prompt_tokens_per_s"] = B * N / row["ttft_e2e_s"]["median"]
     if ("merged", k) in res:
         row["ttft_merged_s"] = stats(res[("merged", k)])
+    if ("versus", k) in res:
+        row["ceiling_versus_s"] = stats(res[("versus", k)])
     enc, pre = row["parts_s"]["encoder"], row["parts_s"]["prefill"]
     row["encoder_share"] = enc / pre if k > 1 else None
     row["encoder_flop_share"] = encoder_flops(model, k, B, N // k) / prefill_flops(model, B, L) if k > 1 else None
@@ -634,6 +652,8 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedups"]["unmerged_over_merged"] = per_round(_values(r, "ttft_e2e_s"), merged)  # the LoRA's cost
             r["speedups"]["merged_over_ceiling"] = per_round(merged, _values(r, "ceiling_s"))  # what is left above the base
             r["speedups"]["merged_vs_unmerged_k1"] = per_round(_values(base, "ttft_e2e_s"), merged)
+        if "ceiling_versus_s" in r:  # how much faster --attention's ceiling is than --versus-attention's
+            r["speedups"]["attention_vs_versus"] = per_round(_values(r, "ceiling_versus_s"), _values(r, "ceiling_s"))
         if "decode_tokens_per_s" in r:
             r["decode_vs_k1"] = per_round(_values(r, "decode_tokens_per_s"), _values(base, "decode_tokens_per_s"))["median"]
         targets = {}
@@ -652,7 +672,7 @@ def device_info(a, device: torch.device) -> dict:
 
     info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
-            "compiled": a.compile, "attention": a.attention}
+            "compiled": a.compile, "attention": a.attention, "versus_attention": a.versus_attention}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     with contextlib.suppress(OSError):
@@ -758,6 +778,24 @@ def _merged_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _versus_table(rows: list[dict], dev: dict, peak: dict | None) -> list[str]:
+    sel = [r for r in rows if "ceiling_versus_s" in r]
+    if not sel:
+        return []
+    mine, theirs = dev.get("attention", "sdpa"), dev.get("versus_attention")
+    lines = ["", f"Ceiling (bare-base prefill) with attention `{mine}` against `{theirs}`, both in every round, back to "
+             "back; ms median [min–max], % of the matmul peak, ratio per round:", "",
+             f"| model | batch | length | K | positions | {theirs} ms | {mine} ms | {theirs} % peak | {mine} % peak | "
+             f"{theirs} / {mine} |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        v, c = r["ceiling_versus_s"], r["ceiling_s"]
+        share = r["ceiling_gflops"] * c["median"] / v["median"] / peak["gflops"] if peak else None
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['merged_length']} | "
+                     f"{_ms(v['median'])} [{_ms(v['min'])}–{_ms(v['max'])}] | {_ms(c['median'])} [{_ms(c['min'])}–{_ms(c['max'])}] | "
+                     f"{_pct(share)} | {_pct(r.get('ceiling_fraction_of_peak'))} | {_ratio(r['speedups']['attention_vs_versus'])} |")
+    return lines
+
+
 def _train_table(train: list[dict]) -> list[str]:
     if not train:
         return []
@@ -791,6 +829,7 @@ def markdown(result: dict) -> str:
         "merged length. Fraction = e2e speed-up / ceiling speed-up. Enc share = encoder time / compressed prefill "
         f"time (FLOP ratio in brackets). Peak mem = {meta['memory_method']}.", "",
         *_main_table(rows), "", *_split_table(rows), "", *_compute_table(rows), *_merged_table(rows),
+        *_versus_table(rows, dev, meta["matmul_peak"].get(dev["dtype"]) if meta["matmul_peak"] else None),
         *_train_table(result["train"]),
     ]
     lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['status']} ({t['detail']})" for t in result["targets"]]

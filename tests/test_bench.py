@@ -16,7 +16,8 @@ from ktm.model import KTMModel, LoraSettings
 
 ARGS = ["--models", "tiny-llama", "--lengths", "32", "64", "--ks", "2", "4", "--batch", "1", "2",
         "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--train-length", "32", "--train-target-tokens", "4",
-        "--device", "cpu", "--dtype", "float32", "--threads", "1", "--peak-size", "64"]  # float32 on every CPU
+        "--device", "cpu", "--dtype", "float32", "--threads", "1", "--peak-size", "64",  # float32 on every CPU
+        "--versus-attention", "sdpa"]  # the ceiling with SDPA too, against --attention auto's blocked_causal
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_cli_writes_all_outputs(run):
     assert sorted((r["batch"], r["length"], r["k"]) for r in res["rows"]) == sorted(
         (b, n, k) for b in (1, 2) for n in (32, 64) for k in (1, 2, 4))
     for r in res["rows"]:
-        for key in ("ttft_e2e_s", "ceiling_s", "ttft_merged_s", "decode_tokens_per_s"):
+        for key in ("ttft_e2e_s", "ceiling_s", "ttft_merged_s", "decode_tokens_per_s", "ceiling_versus_s"):
             assert set(r[key]) >= {"median", "min", "max", "q1", "q3"} and r[key]["median"] > 0
             assert len(r[key]["values"]) == 2  # one per timed round
         assert set(r["parts_s"]) == set(bench.PARTS)
@@ -53,7 +54,10 @@ def test_cli_writes_all_outputs(run):
         assert r["e2e_speedup"] > 0 and r["ceiling_speedup"] > 0
         sp = r["speedups"]
         assert set(sp) == {"e2e", "ceiling", "fraction_of_ceiling", "unmerged_over_merged", "merged_over_ceiling",
-                           "merged_vs_unmerged_k1"}
+                           "merged_vs_unmerged_k1", "attention_vs_versus"}
+        # one kernel against the other: SDPA's ceiling over blocked_causal's, per round
+        versus = [v / c for v, c in zip(r["ceiling_versus_s"]["values"], r["ceiling_s"]["values"])]
+        assert sp["attention_vs_versus"]["values"] == pytest.approx(versus)
         assert sp["e2e"]["min"] <= r["e2e_speedup"] <= sp["e2e"]["max"]
         # the fraction is per round: median over rounds of (e2e ratio / ceiling ratio) of that round
         per_round = [e / c for e, c in zip(sp["e2e"]["values"], sp["ceiling"]["values"])]
@@ -78,12 +82,13 @@ def test_markdown_table_has_every_row_and_verdicts(run, capsys):
     out, res = run
     md = (out / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| tiny-llama |")]
-    assert len(table) == 4 * len(res["rows"]) + len(res["train"])  # main, split, compute, merged tables + training
+    assert len(table) == 5 * len(res["rows"]) + len(res["train"])  # main, split, compute, merged, versus + training
     header = md.splitlines()[md.splitlines().index(next(line for line in md.splitlines() if line.startswith("| model | batch | length | K | merged")))]
     for col in ("TTFT e2e", "ceiling", "e2e speed-up [min–max]", "ceiling speed-up", "fraction of ceiling [min–max]",
                 "enc share", "KV cache", "decode tok/s"):
         assert col in header
     assert "Matmul peak (64x64x64 GEMM" in md and "merged_for_serving" in md and "GFLOP/s (% peak)" in md
+    assert "with attention `blocked_causal` against `sdpa`" in md and "| sdpa / blocked_causal |" in md
     assert md.count("PASS") + md.count("MISS") == 2 * len(res["targets"])  # in the table rows and in the summary
     assert res["meta"]["command"].startswith("ktm bench --models tiny-llama")
 
