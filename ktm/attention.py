@@ -21,7 +21,8 @@ query heads of one key/value head together (grouped queries need no copy of keys
 that causality lets them see:
 
     s = (q[i:j] · scale) k[:j]ᵀ   one GEMM in the inputs' dtype (bfloat16 scores when the model is bfloat16)
-    p = softmax(s + mask)         in float32; future keys (and the mask's zeros) get float32's lowest value
+    p = softmax(s + mask)         summed in float32 (PyTorch's kernel does so for 16-bit inputs), stored in s's
+                                  dtype; future keys (and the mask's zeros) get that dtype's lowest value
     out[i:j] = p v[:j]            one GEMM in the value's dtype
 
 Its scores are rounded to the inputs' dtype before the softmax, as transformers' eager kernel does; SDPA keeps
@@ -66,7 +67,6 @@ def blocked_causal_attention(module: nn.Module, query: torch.Tensor, key: torch.
     B, H, T, D = query.shape
     H_kv, S = key.shape[1], key.shape[2]
     groups, offset = H // H_kv, S - T
-    lowest = torch.finfo(torch.float32).min
     q = (query * scaling).view(B, H_kv, groups, T, D)
     out = query.new_empty(B, H_kv, groups, T, D, dtype=value.dtype)
     for start in range(0, T, block):
@@ -74,7 +74,8 @@ def blocked_causal_attention(module: nn.Module, query: torch.Tensor, key: torch.
         visible = offset + end  # keys any query of the block may see
         rows = end - start
         scores = torch.matmul(q[:, :, :, start:end].reshape(B, H_kv, groups * rows, D), key[:, :, :visible].transpose(2, 3))
-        scores = scores.float().view(B, H_kv, groups, rows, visible)
+        scores = scores.view(B, H_kv, groups, rows, visible)
+        lowest = torch.finfo(scores.dtype).min
         if attention_mask is None:  # causal: only the block's own keys can lie in a query's future
             future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
             scores[..., offset + start:].masked_fill_(future, lowest)
@@ -84,8 +85,8 @@ def blocked_causal_attention(module: nn.Module, query: torch.Tensor, key: torch.
             if part.dtype == torch.bool:
                 scores.masked_fill_(~part, lowest)
             else:
-                scores.add_(part.float()).clamp_(min=lowest)
-        weights = torch.softmax(scores, dim=-1).to(value.dtype)
+                scores.add_(part.to(scores.dtype)).clamp_(min=lowest)
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)  # PyTorch's softmax sums in float32 for 16-bit inputs
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)
         out[:, :, :, start:end] = torch.matmul(weights.view(B, H_kv, groups * rows, visible),
                                                value[:, :, :visible]).view(B, H_kv, groups, rows, D)
