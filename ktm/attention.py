@@ -16,7 +16,7 @@ It is as cheap as eager attention on short prompts and slower than SDPA on long 
 
 `blocked_causal`: attention for long prefills, as large matrix products over blocks of queries. PyTorch's CPU
 SDPA kernel (flash-style, 32-position tiles) ran at a fraction of the GEMM rate here: 36% of a bfloat16 2048-token
-prefill of Qwen2.5-0.5B for 3% of its FLOPs (README Speed). This kernel takes `block` queries at a time, all the
+prefill of Qwen2.5-0.5B for 11% of its FLOPs (README Speed). This kernel takes `block` queries at a time, all the
 query heads of one key/value head together (grouped queries need no copy of keys or values), and only the keys
 that causality lets them see:
 

@@ -28,7 +28,7 @@ weight values, so the config-built shapes (random weights) stand in for the real
 `--compile` times the prefills with the LM under torch.compile, as a server would run it; `--profile` adds
 the operator table of one bare-base prefill per (batch, length), which says where the time below the matmul
 peak goes (on 2 EPYC cores in bf16: the CPU attention kernel, README Speed). `--attention auto` runs the LM with
-ktm's `blocked_causal` kernel on CPU (1.20-1.25x faster bf16 prefills than SDPA there) and SDPA on CUDA.
+ktm's `blocked_causal` kernel on CPU (1.16-1.27x faster bf16 prefills than SDPA there) and SDPA on CUDA.
 Outputs: checkpoints/bench/<name>/{results.json, results.md, speedup.png[, prefill_profile.txt]}.
 """
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "step stays eager")
     p.add_argument("--attention", choices=["auto", "sdpa", "eager", "blocked_causal"], default="auto",
                    help="the LM's attention kernel: sdpa (PyTorch's), eager (transformers'), blocked_causal "
-                   "(ktm/attention.py: blocks of queries as GEMMs); auto = blocked_causal on CPU (1.2-1.25x faster "
+                   "(ktm/attention.py: blocks of queries as GEMMs); auto = blocked_causal on CPU (1.16-1.27x faster "
                    "bf16 prefills than sdpa on 2 EPYC cores, README Speed), sdpa on CUDA")
     p.add_argument("--versus-attention", choices=["sdpa", "eager", "blocked_causal"], default=None, metavar="KERNEL",
                    help="also time the ceiling with this attention kernel in every round, right after the ceiling with "
