@@ -36,6 +36,7 @@ from torch import nn
 
 NAME = "eager_float32"
 BLOCKED = "blocked_causal"
+KERNELS = (NAME, BLOCKED)  # the names register() knows
 
 
 def eager_float32_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

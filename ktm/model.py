@@ -714,9 +714,9 @@ class KTMModel(nn.Module):
         transformers knows) in place; the weights are the same and the results equal up to float rounding
         (model.attention: on 2 CPU cores SDPA's backward cost ~9 ms per layer call on the tree's short merged
         prompts, the eager kernels about a third of it; README Speed)."""
-        if implementation in ("eager_float32", "blocked_causal"):
-            from ktm.attention import register
+        from ktm.attention import KERNELS, register
 
+        if implementation in KERNELS:
             register(implementation)
         if self.attention != implementation:
             with warnings.catch_warnings():  # transformers 5 calls its own deprecated is_gradient_checkpointing here
