@@ -586,9 +586,13 @@ def add_flop_rates(rows: list[dict], model, peak: dict | None) -> None:
         B, L = r["batch"], r["merged_length"]
         r["prefill_gflops"] = prefill_flops(model, B, L) / r["parts_s"]["prefill"] / 1e9
         r["ceiling_gflops"] = prefill_flops(model, B, L, lora=False) / r["ceiling_s"]["median"] / 1e9
+        if "ceiling_versus_s" in r:  # the same ceiling with --versus-attention's kernel
+            r["ceiling_versus_gflops"] = prefill_flops(model, B, L, lora=False) / r["ceiling_versus_s"]["median"] / 1e9
         if peak:
             r["prefill_fraction_of_peak"] = r["prefill_gflops"] / peak["gflops"]
             r["ceiling_fraction_of_peak"] = r["ceiling_gflops"] / peak["gflops"]
+            if "ceiling_versus_gflops" in r:
+                r["ceiling_versus_fraction_of_peak"] = r["ceiling_versus_gflops"] / peak["gflops"]
 
 
 def train_record(model, opt, texts, answer, k: int, clock: Clock, mem: PeakMemory) -> dict:
@@ -779,7 +783,7 @@ def _merged_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _versus_table(rows: list[dict], dev: dict, peak: dict | None) -> list[str]:
+def _versus_table(rows: list[dict], dev: dict) -> list[str]:
     sel = [r for r in rows if "ceiling_versus_s" in r]
     if not sel:
         return []
@@ -790,10 +794,9 @@ def _versus_table(rows: list[dict], dev: dict, peak: dict | None) -> list[str]:
              f"{theirs} / {mine} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sel:
         v, c = r["ceiling_versus_s"], r["ceiling_s"]
-        share = r["ceiling_gflops"] * c["median"] / v["median"] / peak["gflops"] if peak else None
         lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['merged_length']} | "
                      f"{_ms(v['median'])} [{_ms(v['min'])}–{_ms(v['max'])}] | {_ms(c['median'])} [{_ms(c['min'])}–{_ms(c['max'])}] | "
-                     f"{_pct(share)} | {_pct(r.get('ceiling_fraction_of_peak'))} | {_ratio(r['speedups']['attention_vs_versus'])} |")
+                     f"{_pct(r.get('ceiling_versus_fraction_of_peak'))} | {_pct(r.get('ceiling_fraction_of_peak'))} | {_ratio(r['speedups']['attention_vs_versus'])} |")
     return lines
 
 
@@ -830,7 +833,7 @@ def markdown(result: dict) -> str:
         "merged length. Fraction = e2e speed-up / ceiling speed-up. Enc share = encoder time / compressed prefill "
         f"time (FLOP ratio in brackets). Peak mem = {meta['memory_method']}.", "",
         *_main_table(rows), "", *_split_table(rows), "", *_compute_table(rows), *_merged_table(rows),
-        *_versus_table(rows, dev, meta["matmul_peak"].get(dev["dtype"]) if meta["matmul_peak"] else None),
+        *_versus_table(rows, dev),
         *_train_table(result["train"]),
     ]
     lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['status']} ({t['detail']})" for t in result["targets"]]

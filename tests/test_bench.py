@@ -64,6 +64,8 @@ def test_cli_writes_all_outputs(run):
         assert r["fraction_of_ceiling"] == pytest.approx(sum(per_round) / 2)  # median of two = their mean
         assert r["prefill_gflops"] > 0 and r["ceiling_gflops"] > 0
         assert r["prefill_fraction_of_peak"] == pytest.approx(r["prefill_gflops"] / meta["matmul_peak"]["float32"]["gflops"])
+        assert r["ceiling_versus_gflops"] == pytest.approx(r["ceiling_gflops"] * r["ceiling_s"]["median"] / r["ceiling_versus_s"]["median"])
+        assert r["ceiling_versus_fraction_of_peak"] == pytest.approx(r["ceiling_versus_gflops"] / meta["matmul_peak"]["float32"]["gflops"])
         assert r["prompt_tokens_per_s"] == pytest.approx(r["batch"] * r["length"] / r["ttft_e2e_s"]["median"])
         if r["k"] == 1:
             assert r["e2e_speedup"] == r["ceiling_speedup"] == 1.0 and r["encoder_share"] is None
