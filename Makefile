@@ -30,6 +30,11 @@ READ       ?= $(READ_DEFAULT_$(EXP))
 TASK_READ_DEFAULT_tree_k4 := read_tree_k4
 TASK_READ_DEFAULT_amazon_k4 := read_amazon_k4
 TASK_READ  ?= $(if $(strip $(READ)),$(TASK_READ_DEFAULT_$(EXP)))
+# TASK_READ_ARGS: arguments for the TASK_READ fits only (ARGS go to the task), e.g. '--model.ks=[1,2,4,8]' when
+# the task trains K=8 too (README Results, one checkpoint for every K). TASK_READ_TAG names those runs apart
+# (seed<seed><tag>, default<tag>): a run of the plain recipe is reused only by the same config, else refused.
+TASK_READ_ARGS ?=
+TASK_READ_TAG  ?=
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
 READ_DIR   := checkpoints/$(READ)/default
@@ -46,12 +51,13 @@ fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
 fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
 # $(call task_read,SEED_ARGS,NAME): the TASK_READ fit of one seed into checkpoints/$(TASK_READ)/NAME, then "&&";
 # nothing without TASK_READ. $(call start_args,NAME): where the task starts, that fit's export or READ's.
-task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2) --reuse $(1)$(INIT_ARGS) &&)
-start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)/export,$(INIT_ARGS))
+task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2)$(TASK_READ_TAG) --reuse $(1)$(INIT_ARGS)$(if \
+  $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS)) &&)
+start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)$(TASK_READ_TAG)/export,$(INIT_ARGS))
 # $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the
 # data, each from its own TASK_READ run where there is one (else from READ).
-per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$$s) \
-  $(call fit_test,$(1)_s$$s,$(2)$(call start_args,seed$$s) --seed_everything=$$s --data.seed=$$s) || exit 1; done
+per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s}) \
+  $(call fit_test,$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 
 .PHONY: install constraints reading train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 
@@ -75,6 +81,7 @@ ifneq ($(strip $(READ)),)
 endif
 
 ## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [READ=read_k4] [ARGS="--trainer.max_epochs=1"]
+##   [TASK_READ_ARGS="--model.ks=[1,2,4,8]" TASK_READ_TAG=_k1248]
 ## SEEDS: one run per seed into $(RUN)_s<seed>, then the mean ± std over seeds (ktm report checkpoints/$(EXP))
 ## READ: start from that reading experiment's checkpoint (made first when missing; README "Reading stage");
 ##       tree_k4 starts from read_k1248 by default, READ= starts it from scratch

@@ -44,10 +44,26 @@ def test_the_task_reading_stage_runs_once_per_seed_on_that_seeds_data():
     """Its text is the seed's training split, so one seed's reading run is never another's start."""
     (loop,) = [line for line in _ktm(_dry("train", "SEEDS=0 1", "RUN=r")) if line.startswith("for s")]
     loop = " ".join(loop.split())
-    read = ("for s in 0 1; do .venv/bin/ktm fit --exp read_tree_k4 --run seed$s --reuse --seed_everything=$s --data.seed=$s "
+    read = ("for s in 0 1; do .venv/bin/ktm fit --exp read_tree_k4 --run seed${s} --reuse --seed_everything=$s --data.seed=$s "
             "--model.init_from=checkpoints/read_k1248/default/export && .venv/bin/ktm fit --exp tree_k4 --run r_s$s "
-            "--model.init_from=checkpoints/read_tree_k4/seed$s/export --seed_everything=$s --data.seed=$s &&")
+            "--model.init_from=checkpoints/read_tree_k4/seed${s}/export --seed_everything=$s --data.seed=$s &&")
     assert loop.startswith(read)
+
+
+def test_task_read_args_go_to_the_reading_stage_only_and_its_tag_names_its_runs():
+    """The one-checkpoint recipe with K=8 (README Results) reads the tree's text with an encoder for K=8 too:
+    TASK_READ_ARGS reach that fit alone, TASK_READ_TAG keeps its runs apart from the plain recipe's."""
+    lines = _ktm(_dry("train", "SEEDS=0", "RUN=every_k8", "TASK_READ_ARGS=--model.ks=[1,2,4,8]", "TASK_READ_TAG=_k1248",
+                      "ARGS=--data.seed=9"))
+    loop = " ".join(lines[1].split())
+    read, task = loop.split(" && ")[:2]
+    assert read.endswith("--run seed${s}_k1248 --reuse --seed_everything=$s --data.seed=$s "
+                         "--model.init_from=checkpoints/read_k1248/default/export --model.ks=[1,2,4,8]")
+    assert "--model.ks" not in task and task.endswith("--data.seed=9")
+    assert "--model.init_from=checkpoints/read_tree_k4/seed${s}_k1248/export" in task
+    single = _ktm(_dry("train", "TASK_READ_ARGS=--model.ks=[1,2,4,8]", "TASK_READ_TAG=_k1248"))
+    assert "--run default_k1248 --reuse" in single[1] and single[1].endswith("--model.ks=[1,2,4,8] && true")
+    assert "--model.init_from=checkpoints/read_tree_k4/default_k1248/export" in single[2]
 
 
 @pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k2",)])
