@@ -14,7 +14,8 @@ float32 from the float32 query and key that rotary embedding already gives under
 It is as cheap as eager attention on short prompts and slower than SDPA on long ones (its float32 matmuls:
 1.5x SDPA's time at 300 positions), so it suits merged prompts.
 
-`blocked_causal`: attention for long prefills, as large matrix products over blocks of queries. PyTorch's CPU
+`blocked_causal`: attention as large matrix products over blocks of queries, for long prefills and for training
+(the tree's short merged prompts: its backward is a few GEMMs where SDPA's CPU backward cost ~3 ms a layer). PyTorch's CPU
 SDPA kernel (flash-style, 32-position tiles) ran at a fraction of the GEMM rate here: 36% of a bfloat16 2048-token
 prefill of Qwen2.5-0.5B for 11% of its FLOPs (README Speed). This kernel takes `block` queries at a time, all the
 query heads of one key/value head together (grouped queries need no copy of keys or values), and only the keys
@@ -37,6 +38,15 @@ from torch import nn
 NAME = "eager_float32"
 BLOCKED = "blocked_causal"
 KERNELS = (NAME, BLOCKED)  # the names register() knows
+# "auto": the kernel measured fastest on each device (README Speed: blocked_causal trained tree K=4 steps 1.3x
+# and prefilled 512-2048 tokens 1.16-1.27x faster than SDPA on 2 CPU cores; CUDA keeps SDPA's fused kernels)
+AUTO = {"cpu": BLOCKED}
+
+
+def resolve(name: str, device_type: str) -> str:
+    """The kernel that `name` means on a device of `device_type` ("cpu", "cuda", ...): "auto" is AUTO's choice
+    (sdpa where AUTO has none), any other name is itself."""
+    return AUTO.get(device_type, "sdpa") if name == "auto" else name
 
 
 def eager_float32_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ktm.attention import KERNELS
+from ktm.attention import KERNELS, resolve
 from ktm.errors import KTMError, OneLineParser
 
 log = logging.getLogger("ktm")
@@ -76,9 +76,9 @@ PARTS = ("tokenize", "embed", "encoder", "layout", "prefill", "first_token")
 # peak_size: side of the square GEMM of the matmul peak; a GPU needs a bigger one to be kept busy.
 DEFAULTS = {
     "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1, peak_size=2048,
-                attention="blocked_causal"),
+                attention=resolve("auto", "cpu")),
     "cuda": dict(lengths=[512, 2048, 8192], batch_sizes=[1, 8], repeats=10, warmup=2, decode_tokens=64, train_batch=8,
-                 peak_size=8192, attention="sdpa"),
+                 peak_size=8192, attention=resolve("auto", "cuda")),
 }
 
 

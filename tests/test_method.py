@@ -156,6 +156,14 @@ def test_batch_equals_single(tiny, k):
     assert not torch.isnan(together).any()
 
 
+@pytest.mark.parametrize("name, device, kernel", [("auto", "cpu", "blocked_causal"), ("auto", "cuda", "sdpa"), ("auto", "mps", "sdpa"),
+                                                  ("sdpa", "cpu", "sdpa"), ("eager_float32", "cuda", "eager_float32")])
+def test_auto_attention_is_each_devices_measured_kernel(name, device, kernel):
+    from ktm.attention import resolve
+
+    assert resolve(name, device) == kernel
+
+
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("kernel", ["eager", "eager_float32", "blocked_causal"])
 def test_eager_kernels_give_the_sdpa_logits_and_gradients(tiny, k, kernel):

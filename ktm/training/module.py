@@ -19,14 +19,14 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from ktm.attention import KERNELS
+from ktm.attention import KERNELS, resolve
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
-ATTENTION = ("sdpa", "eager", *KERNELS)  # model.attention (eager_float32, blocked_causal: ktm/attention.py)
+ATTENTION = ("auto", "sdpa", "eager", *KERNELS)  # model.attention (auto, eager_float32, blocked_causal: ktm/attention.py)
 # trainer.precision -> the dtype autocast computes linears in; the frozen base's linears are stored in it (setup)
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
@@ -130,11 +130,12 @@ class KTMModule(L.LightningModule):
             budget_share: with merge_policy=budget, the share of K > 1 training steps laid out by it (the others
                 fixed), so the LoRA learns to read both mixed-K and plain prompts.
             attention: the base's attention kernel while this module trains and evaluates: "sdpa", "eager" or
-                "eager_float32" (ktm/attention.py: eager attention computed in float32 outside autocast), or
-                "blocked_causal" (ktm/attention.py: blocks of queries as GEMMs, for long prompts). On 2 CPU cores
-                the eager kernels made tree K=4 steps 1.2-1.5x faster than SDPA (README Speed).
+                "eager_float32" (ktm/attention.py: eager attention computed in float32 outside autocast),
+                "blocked_causal" (ktm/attention.py: blocks of queries as GEMMs), or "auto" (blocked_causal on CPU,
+                sdpa on CUDA: ktm.attention.resolve). On 2 CPU cores blocked_causal made bf16 tree K=4 steps 1.2-1.3x
+                faster than SDPA, at the same test quality over 3 seeds (README Speed).
             fused_adamw: AdamW as one fused kernel (CPU or CUDA) instead of torch's default; same update up to
-                float rounding, about 5% faster tree K=4 steps on 2 CPU cores.
+                float rounding, 9-13% faster tree K=4 steps on 2 CPU cores.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -154,7 +155,7 @@ class KTMModule(L.LightningModule):
                            "use model.distill_hidden_at=targets with a baseline compressor")
         check_share("model.budget_share", budget_share, "set it to e.g. 0.5 (half the merged steps by the budget policy)")
         check_count("model.warmup_steps", warmup_steps, 0, "set it to 0 (no warm-up) or more")
-        check_choice("model.attention", attention, ATTENTION, "use sdpa (the default), eager, eager_float32 or blocked_causal")
+        check_choice("model.attention", attention, ATTENTION, "use auto, sdpa (the default), eager, eager_float32 or blocked_causal")
         check_share("model.lr_decay_share", lr_decay_share, "set it to e.g. 0.3 (the last 30% of the steps decay to 0), or 0 for a constant lr")
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
@@ -194,7 +195,7 @@ class KTMModule(L.LightningModule):
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
-        self.model.use_attention(self.hparams.get("attention", "sdpa"))
+        self.model.use_attention(resolve(self.hparams.get("attention", "sdpa"), self.trainer.strategy.root_device.type))
         autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
         if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
             self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
