@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ktm.attention import KERNELS, resolve
+from ktm.encoder import SHAPES
 from ktm.errors import KTMError, OneLineParser
 
 log = logging.getLogger("ktm")
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=None, help="batch size of the training step (default: 1 CPU, 8 CUDA)")
     p.add_argument("--train-target-tokens", type=int, default=16, help="answer tokens per training example (loss on them)")
     p.add_argument("--lora-r", type=int, default=4, help="LoRA rank on the base (0 = no LoRA), as in training")
+    p.add_argument("--encoder-multiplier", type=float, default=None,
+                   help="f in the merge encoders' hidden size int(f*K)*d, as model.encoder_multiplier (default: the paper's rule)")
+    p.add_argument("--encoder-shape", choices=list(SHAPES), default="paper",
+                   help="the merge encoders' layers, as model.encoder_shape (ktm/encoder.py)")
     p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
                    help="also time TTFT with the LoRA merged into a copy of the base (KTMModel.merged_for_serving), "
                    "at every K (skipped without LoRA)")
@@ -677,7 +682,8 @@ def device_info(a, device: torch.device) -> dict:
 
     info = {"device": a.device, "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
-            "compiled": a.compile, "attention": a.attention, "versus_attention": a.versus_attention}
+            "compiled": a.compile, "attention": a.attention, "versus_attention": a.versus_attention,
+            "encoder_multiplier": a.encoder_multiplier, "encoder_shape": a.encoder_shape}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     with contextlib.suppress(OSError):
@@ -917,7 +923,8 @@ def load_model(name: str, base: str, a, device):
 
     log.info("bench: loading %s (%s, %s)", name, base, a.dtype)
     torch.manual_seed(a.seed)
-    model = KTMModel.from_base(base, dtype=a.dtype, ks=a.ks, lora=LoraSettings(r=a.lora_r)).to(device).eval()
+    model = KTMModel.from_base(base, dtype=a.dtype, ks=a.ks, lora=LoraSettings(r=a.lora_r), encoder_multiplier=a.encoder_multiplier,
+                               encoder_shape=a.encoder_shape).to(device).eval()
     model.use_attention(a.attention)
     too_long = [n for n in a.lengths + [a.train_length] if n > model.max_prompt_tokens]
     if too_long:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ktm.encoder import MergeEncoder, encoder_parameters
+from ktm.encoder import SHAPES, MergeEncoder, encoder_parameters
 from ktm.errors import KTMError, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
 from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, moved_tokens, runs_teacher_positions
@@ -95,7 +95,7 @@ def _number(x) -> bool:
 
 def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
                    lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge", keep_marked=False,
-                   merge_policy="fixed", segment_tokens=16, policy_score="surprisal") -> list[int]:
+                   merge_policy="fixed", segment_tokens=16, policy_score="surprisal", encoder_shape="paper") -> list[int]:
     """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
 
     Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
@@ -116,6 +116,9 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
         if bad:
             raise KTMError(f"model.encoder_multiplier={f} gives the K={bad[0]} merge encoder no hidden units (int({f}*{bad[0]}) = 0)",
                            f"use encoder_multiplier >= {1 / bad[0]:g}, or null for the paper's rule")
+    if encoder_shape not in SHAPES:
+        raise KTMError(f"model.encoder_shape must be one of {', '.join(SHAPES)}, got {encoder_shape!r}",
+                       "use paper (the paper's three layers) or shallow (two layers, no middle K*d layer)")
     if encoder_bound is not None and (not _number(encoder_bound) or encoder_bound <= 0):
         raise KTMError(f"model.encoder_bound must be a number > 0 or null, got {encoder_bound!r}",
                        "set it to 1.0 (correction at most the block mean's norm), or null for the paper's unbounded encoder")
@@ -242,7 +245,7 @@ def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> boo
 
 
 _SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
-             "keep_marked", "merge_policy", "segment_tokens", "policy_score")
+             "keep_marked", "merge_policy", "segment_tokens", "policy_score", "encoder_shape")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -321,10 +324,11 @@ class KTMModel(nn.Module):
         merge_policy: str = "fixed",
         segment_tokens: int = 16,
         policy_score: str = "surprisal",
+        encoder_shape: str = "paper",
     ):
         super().__init__()
         ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor,
-                            keep_marked, merge_policy, segment_tokens, policy_score)
+                            keep_marked, merge_policy, segment_tokens, policy_score, encoder_shape)
         from ktm.compressors import get_compressor
 
         self.compressor = get_compressor(compressor)  # what build_batch feeds the LM (ktm.compressors); "merge" = the method
@@ -337,7 +341,7 @@ class KTMModel(nn.Module):
         self.token_scores = TokenScores(policy_score)
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.lora_settings = lora if lora is not None and lora.r > 0 else None
-        self.encoder_multiplier, self.encoder_bound = encoder_multiplier, encoder_bound
+        self.encoder_multiplier, self.encoder_bound, self.encoder_shape = encoder_multiplier, encoder_bound, encoder_shape
         self.context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
         self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
         self.long_prompt_policy = long_prompt_policy
@@ -348,7 +352,7 @@ class KTMModel(nn.Module):
         d = self.embed.weight.shape[1]
         base_params = sum(p.numel() for p in base.parameters())
         for k in ks:
-            n = encoder_parameters(k, d, encoder_multiplier)
+            n = encoder_parameters(k, d, encoder_multiplier, encoder_shape)
             if n > max(MAX_ENCODER_PARAMS, MAX_ENCODER_TO_BASE * base_params):
                 raise KTMError(f"model.ks has K={k}: its merge encoder would have {_count(n)} parameters, more than "
                                f"{MAX_ENCODER_TO_BASE}x the base's {_count(base_params)}",
@@ -373,7 +377,7 @@ class KTMModel(nn.Module):
         else:
             self.lm = base
         param_dtype = torch.float32 if self.embed.weight.dtype == torch.float32 else self.embed.weight.dtype
-        self.encoders = nn.ModuleDict({str(k): MergeEncoder(k, d, encoder_multiplier, encoder_bound).to(param_dtype) for k in ks})
+        self.encoders = nn.ModuleDict({str(k): MergeEncoder(k, d, encoder_multiplier, encoder_bound, encoder_shape).to(param_dtype) for k in ks})
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
@@ -884,6 +888,7 @@ class KTMModel(nn.Module):
             "hidden_size": self.hidden_size,
             "encoder_multiplier": self.encoder_multiplier,
             "encoder_bound": self.encoder_bound,
+            "encoder_shape": self.encoder_shape,
             "lora": asdict(self.lora_settings) if self.lora_settings else None,
             "max_prompt_tokens": self.max_prompt_tokens,
             "long_prompt_policy": self.long_prompt_policy,
@@ -959,7 +964,8 @@ class KTMModel(nn.Module):
                    compressor=meta.get("compressor", "merge"),  # exports from before the key: the merge
                    keep_marked=meta.get("keep_marked", False),  # ... and the whole prompt merged
                    merge_policy=meta.get("merge_policy", "fixed"), segment_tokens=meta.get("segment_tokens", 16),
-                   policy_score=meta.get("policy_score", "surprisal"))
+                   policy_score=meta.get("policy_score", "surprisal"),
+                   encoder_shape=meta.get("encoder_shape", "paper"))  # exports from before the key: the paper's
         if lora is not None:
             from peft import PeftModel
 

@@ -56,6 +56,8 @@ SETTINGS = {"base": "smollm2-135m", "ks": [1, 2, 4], "keep_tail": 0, "encoder_mu
     ({k: v for k, v in SETTINGS.items() if k != "compressor"}, {**SETTINGS, "compressor": "mean_pool"},
      ("compressor", "merge", "mean_pool")),
     ({k: v for k, v in SETTINGS.items() if k != "keep_tail"}, {**SETTINGS, "keep_tail": 3}, None),  # not recorded
+    (SETTINGS, {**SETTINGS, "encoder_shape": "paper"}, None),  # checkpoints from before the key had the paper's
+    (SETTINGS, {**SETTINGS, "encoder_shape": "shallow"}, ("encoder_shape", "paper", "shallow")),
 ])
 def test_checkpoint_mismatch(saved, mine, expected):
     assert checkpoint_mismatch(saved, mine) == expected

@@ -98,9 +98,21 @@ def test_encoder_k1_is_identity_and_paper_sizes():
     assert hidden_size(8, 10) == 80  # our rule for K >= 5: f = 1.0
 
 
+@pytest.mark.parametrize("shape", ["paper", "shallow"])
 @pytest.mark.parametrize("k, d, multiplier", [(1, 8, None), (2, 8, None), (4, 6, None), (8, 4, None), (4, 6, 0.5)])
-def test_the_encoder_parameter_count_is_the_built_encoders(k, d, multiplier):
-    assert encoder_parameters(k, d, multiplier) == sum(p.numel() for p in MergeEncoder(k, d, multiplier).parameters())
+def test_the_encoder_parameter_count_is_the_built_encoders(k, d, multiplier, shape):
+    assert encoder_parameters(k, d, multiplier, shape) == sum(p.numel() for p in MergeEncoder(k, d, multiplier, shape=shape).parameters())
+
+
+def test_the_shallow_encoder_drops_the_middle_layer_and_starts_at_the_mean():
+    # model.encoder_shape: shallow = Linear(K*d, h) -> ReLU -> Linear(h, d); at K=4, d=576 it has 10.0 M weights
+    # against the paper's 17.3 M
+    torch.manual_seed(0)
+    enc = MergeEncoder(4, 6, shape="shallow")
+    assert [tuple(m.weight.shape) for m in enc.mlp if isinstance(m, torch.nn.Linear)] == [(36, 24), (6, 36)]
+    blocks = torch.randn(5, 4, 6)
+    torch.testing.assert_close(enc(blocks), blocks.mean(dim=-2), atol=0, rtol=0)
+    assert encoder_parameters(4, 576, shape="shallow") == 9_957_312 and encoder_parameters(4, 576) == 17_258_688
 
 
 @pytest.mark.parametrize("n,k,tail,expected", [(10, 4, 0, (2, 2, 0)), (3, 4, 0, (3, 0, 0)), (8, 4, 0, (0, 2, 0)),

@@ -127,6 +127,10 @@ def test_init_from_refuses_another_k_another_lora_shape_and_another_base(tmp_pat
     other_r = KTMModule(base="config:tiny-llama", ks=[1, 4], lora=LoraSettings(r=8))
     with pytest.raises(KTMError, match="LoRA r=4, this run has 8"):
         load_trained_weights(other_r.model, folder)
+    torch.manual_seed(0)
+    shallow = KTMModule(base="config:tiny-llama", ks=[1, 4], encoder_shape="shallow")
+    with pytest.raises(KTMError, match="has encoder_shape=paper, this run has shallow"):
+        load_trained_weights(shallow.model, folder)
     m = _module()  # the same shapes on other weights: the base fingerprint alone must refuse
     m.model.base_fingerprint = "config:other"
     with pytest.raises(KTMError, match="another base"):

@@ -26,8 +26,8 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     for key in ("r", "target_modules"):
         if theirs.get(key) != mine.get(key):
             raise KTMError(f"model.init_from {directory} has LoRA {key}={theirs.get(key)}, this run has {mine.get(key)}", fix)
-    for key in ("hidden_size", "encoder_multiplier", "encoder_bound"):
-        if meta.get(key) != model.metadata()[key]:
+    for key, unrecorded in (("hidden_size", None), ("encoder_multiplier", None), ("encoder_bound", None), ("encoder_shape", "paper")):
+        if meta.get(key, unrecorded) != model.metadata()[key]:
             raise KTMError(f"model.init_from {directory} has {key}={meta.get(key)}, this run has {model.metadata()[key]}", fix)
     missing = [k for k in model.ks if k > 1 and k not in meta.get("ks", [])]
     if missing:

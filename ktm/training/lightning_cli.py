@@ -271,7 +271,7 @@ def check_parsed_settings(cfg) -> None:
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
-                   m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score)
+                   m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape)
 
 
 def check_validation_cadence(trainer) -> None:

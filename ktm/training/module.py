@@ -48,6 +48,7 @@ class KTMModule(L.LightningModule):
         dtype: str = "float32",
         encoder_multiplier: float | None = None,
         encoder_bound: float | None = 1.0,
+        encoder_shape: str = "paper",
         compressor: str = "merge",
         max_prompt_tokens: int | None = None,
         long_prompt_policy: str = "error",
@@ -92,6 +93,7 @@ class KTMModule(L.LightningModule):
                 the curriculum's final threshold) stops wherever its decay had got to.
             dtype: weights dtype of the base (float32 on CPU; bfloat16 on GPU).
             encoder_multiplier: f in the hidden size h = int(f*K)*d (None = the paper's rule, see ktm.encoder).
+            encoder_shape: "paper" (three layers) or "shallow" (two: no middle K*d layer; ktm.encoder).
             compressor: what the LM reads at length ~n/K (ktm.compressors): merge (the method), none,
                 truncate_tail, truncate_head, random_drop, self_information, mean_pool, llmlingua2.
             encoder_bound: b in |correction| < b * |block mean| (soft bound, see ktm.encoder); None = the
@@ -160,7 +162,7 @@ class KTMModule(L.LightningModule):
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
-            compressor=compressor, keep_marked=keep_marked, merge_policy=merge_policy, segment_tokens=segment_tokens,
+            encoder_shape=encoder_shape, compressor=compressor, keep_marked=keep_marked, merge_policy=merge_policy, segment_tokens=segment_tokens,
             policy_score=policy_score, max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
         if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
             missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
@@ -498,9 +500,9 @@ class KTMModule(L.LightningModule):
 # checkpoint's hyper_parameters before loading it (they hold no fingerprint), on_load_checkpoint the model
 # with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in _UNRECORDED
 # (a run's side without the key, e.g. a config from before it, counts the same).
-CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "keep_marked", "encoder_multiplier", "encoder_bound",
+CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "keep_marked", "encoder_multiplier", "encoder_bound", "encoder_shape",
                    "compressor", "lora")
-_UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False}
+_UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper"}
 
 
 def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
