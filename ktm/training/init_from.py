@@ -14,6 +14,7 @@ import torch
 from ktm.errors import KTMError
 from ktm.io import read_json, verify
 from ktm.model import KTMModel
+from ktm.training.module import UNRECORDED
 
 
 def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
@@ -26,8 +27,8 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     for key in ("r", "target_modules"):
         if theirs.get(key) != mine.get(key):
             raise KTMError(f"model.init_from {directory} has LoRA {key}={theirs.get(key)}, this run has {mine.get(key)}", fix)
-    for key, unrecorded in (("hidden_size", None), ("encoder_multiplier", None), ("encoder_bound", None), ("encoder_shape", "paper")):
-        if meta.get(key, unrecorded) != model.metadata()[key]:
+    for key in ("hidden_size", "encoder_multiplier", "encoder_bound", "encoder_shape"):
+        if meta.get(key, UNRECORDED.get(key)) != model.metadata()[key]:  # exports from before a key had its UNRECORDED value
             raise KTMError(f"model.init_from {directory} has {key}={meta.get(key)}, this run has {model.metadata()[key]}", fix)
     missing = [k for k in model.ks if k > 1 and k not in meta.get("ks", [])]
     if missing:

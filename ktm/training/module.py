@@ -498,20 +498,20 @@ class KTMModule(L.LightningModule):
 # What a checkpoint must share with the run that loads it: the settings that shape the trained weights, and
 # the base weights themselves. Compared where the checkpoint records them: the CLI compares the config with the
 # checkpoint's hyper_parameters before loading it (they hold no fingerprint), on_load_checkpoint the model
-# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in _UNRECORDED
+# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in UNRECORDED
 # (a run's side without the key, e.g. a config from before it, counts the same).
 CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "keep_marked", "encoder_multiplier", "encoder_bound", "encoder_shape",
                    "compressor", "lora")
-_UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper"}
+UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper"}
 
 
 def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     """(key, the checkpoint's value, this run's value) for the first key of CKPT_MUST_MATCH on which they differ,
     None when the checkpoint fits. K values compare as a set, LoRA settings by the shapes they give."""
     for key in CKPT_MUST_MATCH:
-        if key not in saved and key not in _UNRECORDED:
+        if key not in saved and key not in UNRECORDED:
             continue
-        theirs, ours = _comparable(key, saved.get(key, _UNRECORDED.get(key))), _comparable(key, mine.get(key, _UNRECORDED.get(key)))
+        theirs, ours = _comparable(key, saved.get(key, UNRECORDED.get(key))), _comparable(key, mine.get(key, UNRECORDED.get(key)))
         if theirs != ours and not (key == "lora" and _same_lora_layers(mine.get("base") or saved.get("base"), theirs, ours)):
             return key, theirs, ours
     return None
