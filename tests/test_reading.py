@@ -11,6 +11,7 @@ import torch
 from ktm.benchmarks.reading import CUE, Reading, reading_example, windows
 from ktm.cli import main
 from ktm.errors import KTMError
+from ktm.io import write_json
 from ktm.model import KTMModel, LoraSettings
 from ktm.training.init_from import load_trained_weights
 from ktm.training.module import KTMModule, distill_kl
@@ -129,6 +130,11 @@ def test_init_from_refuses_another_k_another_lora_shape_and_another_base(tmp_pat
         load_trained_weights(other_r.model, folder)
     torch.manual_seed(0)
     shallow = KTMModule(base="config:tiny-llama", ks=[1, 4], encoder_shape="shallow")
+    with pytest.raises(KTMError, match="has encoder_shape=paper, this run has shallow"):
+        load_trained_weights(shallow.model, folder)
+    meta = json.loads((folder / "ktm.json").read_text())
+    del meta["encoder_shape"]  # an export from before the setting: the paper's encoder, named as such
+    write_json(folder / "ktm.json", meta)  # with its checksum, as an export writes it
     with pytest.raises(KTMError, match="has encoder_shape=paper, this run has shallow"):
         load_trained_weights(shallow.model, folder)
     m = _module()  # the same shapes on other weights: the base fingerprint alone must refuse

@@ -22,14 +22,16 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     if meta.get("base_fingerprint") != model.base_fingerprint:
         raise KTMError(f"model.init_from {directory} was trained on another base ({meta.get('base')!r}, weights "
                        f"{str(meta.get('base_fingerprint'))[:12]}...), this run has {model.base_name!r}", fix)
+    ours = model.metadata()
     theirs = meta.get("lora") or {}
-    mine = model.metadata()["lora"] or {}
+    mine = ours["lora"] or {}
     for key in ("r", "target_modules"):
         if theirs.get(key) != mine.get(key):
             raise KTMError(f"model.init_from {directory} has LoRA {key}={theirs.get(key)}, this run has {mine.get(key)}", fix)
     for key in ("hidden_size", "encoder_multiplier", "encoder_bound", "encoder_shape"):
-        if meta.get(key, UNRECORDED.get(key)) != model.metadata()[key]:  # exports from before a key had its UNRECORDED value
-            raise KTMError(f"model.init_from {directory} has {key}={meta.get(key)}, this run has {model.metadata()[key]}", fix)
+        value = meta.get(key, UNRECORDED.get(key))  # exports from before a key had its UNRECORDED value
+        if value != ours[key]:
+            raise KTMError(f"model.init_from {directory} has {key}={value}, this run has {ours[key]}", fix)
     missing = [k for k in model.ks if k > 1 and k not in meta.get("ks", [])]
     if missing:
         raise KTMError(f"model.init_from {directory} has no merge encoder for K={missing} (it has K={meta.get('ks')})",
