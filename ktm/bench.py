@@ -76,10 +76,9 @@ PARTS = ("tokenize", "embed", "encoder", "layout", "prefill", "first_token")
 # Defaults per device: the CPU grid must finish in ~15 min on 2 cores; the full grid is for GPUs.
 # peak_size: side of the square GEMM of the matmul peak; a GPU needs a bigger one to be kept busy.
 DEFAULTS = {
-    "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1, peak_size=2048,
-                attention=resolve("auto", "cpu")),
+    "cpu": dict(lengths=[512, 2048], batch_sizes=[1], repeats=3, warmup=1, decode_tokens=16, train_batch=1, peak_size=2048),
     "cuda": dict(lengths=[512, 2048, 8192], batch_sizes=[1, 8], repeats=10, warmup=2, decode_tokens=64, train_batch=8,
-                 peak_size=8192, attention=resolve("auto", "cuda")),
+                 peak_size=8192),
 }
 
 
@@ -164,8 +163,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
         a.dtype = "bfloat16" if a.device == "cuda" or cpu_has_native_bf16() else "float32"
     for key, value in DEFAULTS[a.device].items():
-        if getattr(a, key) in (None, "auto"):
+        if getattr(a, key) is None:
             setattr(a, key, value)
+    a.attention = resolve(a.attention, a.device)  # auto: the device's kernel (ktm.attention.AUTO)
     for name in ("ks", "lengths", "batch_sizes"):
         bad = [v for v in getattr(a, name) if v < 1]
         if bad:
@@ -590,9 +590,10 @@ def add_flop_rates(rows: list[dict], model, peak: dict | None) -> None:
     for r in rows:
         B, L = r["batch"], r["merged_length"]
         r["prefill_gflops"] = prefill_flops(model, B, L) / r["parts_s"]["prefill"] / 1e9
-        r["ceiling_gflops"] = prefill_flops(model, B, L, lora=False) / r["ceiling_s"]["median"] / 1e9
+        ceiling_flops = prefill_flops(model, B, L, lora=False)
+        r["ceiling_gflops"] = ceiling_flops / r["ceiling_s"]["median"] / 1e9
         if "ceiling_versus_s" in r:  # the same ceiling with --versus-attention's kernel
-            r["ceiling_versus_gflops"] = prefill_flops(model, B, L, lora=False) / r["ceiling_versus_s"]["median"] / 1e9
+            r["ceiling_versus_gflops"] = ceiling_flops / r["ceiling_versus_s"]["median"] / 1e9
         if peak:
             r["prefill_fraction_of_peak"] = r["prefill_gflops"] / peak["gflops"]
             r["ceiling_fraction_of_peak"] = r["ceiling_gflops"] / peak["gflops"]
