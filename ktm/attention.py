@@ -38,6 +38,7 @@ from torch import nn
 NAME = "eager_float32"
 BLOCKED = "blocked_causal"
 KERNELS = (NAME, BLOCKED)  # the names register() knows
+CHOICES = ("auto", "sdpa", "eager", *KERNELS)  # model.attention, ktm bench --attention (auto: resolve below)
 # "auto": the kernel measured fastest on each device (README Speed: blocked_causal trained tree K=4 steps 1.3x
 # and prefilled 512-2048 tokens 1.16-1.27x faster than SDPA on 2 CPU cores; CUDA keeps SDPA's fused kernels)
 AUTO = {"cpu": BLOCKED}

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ktm.attention import KERNELS, resolve
+from ktm.attention import CHOICES, resolve
 from ktm.encoder import SHAPES
 from ktm.errors import KTMError, OneLineParser
 
@@ -134,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time TTFT, ceiling and merged TTFT with the LM under torch.compile (inductor), as a server "
                    "would run it; each shape compiles in the warm-up round (tens of seconds on CPU); the training "
                    "step stays eager")
-    p.add_argument("--attention", choices=["auto", "sdpa", "eager", *KERNELS], default="auto",
+    p.add_argument("--attention", choices=CHOICES, default="auto",
                    help="the LM's attention kernel: sdpa (PyTorch's), eager (transformers'), blocked_causal "
                    "(ktm/attention.py: blocks of queries as GEMMs); auto = blocked_causal on CPU (1.16-1.27x faster "
                    "bf16 prefills than sdpa on 2 EPYC cores, README Speed), sdpa on CUDA")
-    p.add_argument("--versus-attention", choices=["sdpa", "eager", *KERNELS], default=None, metavar="KERNEL",
+    p.add_argument("--versus-attention", choices=[c for c in CHOICES if c != "auto"], default=None, metavar="KERNEL",
                    help="also time the ceiling with this attention kernel in every round, right after the ceiling with "
                    "--attention's, and report their per-round ratio (one kernel against another, each round's noise "
                    "shared)")

@@ -19,14 +19,14 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from ktm.attention import KERNELS, resolve
+from ktm.attention import CHOICES, resolve
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
-ATTENTION = ("auto", "sdpa", "eager", *KERNELS)  # model.attention (auto, eager_float32, blocked_causal: ktm/attention.py)
+ATTENTION = CHOICES  # model.attention (auto, eager_float32, blocked_causal: ktm/attention.py)
 # trainer.precision -> the dtype autocast computes linears in; the frozen base's linears are stored in it (setup)
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DIVERGING_ENCODER = 10.0  # correction/mean norm ratio above which the trainer warns (healthy runs stay near 1)
