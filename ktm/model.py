@@ -47,6 +47,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 FORMAT_VERSION = 1
+# Settings an export or checkpoint from before the setting existed lacks, with the value it then had (every reader
+# of ktm.json and of checkpoint metadata takes a missing key from here: from_pretrained, init_from, resume).
+UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper",
+              "long_prompt_policy": "error", "merge_policy": "fixed", "segment_tokens": 16, "policy_score": "surprisal"}
 # A prompt: a string (all of it merged K-to-1), or a pair (text to merge, text kept in tokens after it).
 Prompt = Union[str, tuple[str, str]]
 ALL_LINEAR, LM_HEAD = "all-linear", "lm_head"
@@ -958,14 +962,12 @@ class KTMModel(nn.Module):
                 f"but {base_name!r} has weights {fp[:12]}...",
                 f"load it with the base it was trained on ({meta['base']})",
             )
+        meta = {**UNRECORDED, **meta}
         self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
-                   encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta.get("encoder_bound"), base_name=meta["base"], base_fingerprint=fp,
-                   max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta.get("long_prompt_policy", "error"),
-                   compressor=meta.get("compressor", "merge"),  # exports from before the key: the merge
-                   keep_marked=meta.get("keep_marked", False),  # ... and the whole prompt merged
-                   merge_policy=meta.get("merge_policy", "fixed"), segment_tokens=meta.get("segment_tokens", 16),
-                   policy_score=meta.get("policy_score", "surprisal"),
-                   encoder_shape=meta.get("encoder_shape", "paper"))  # exports from before the key: the paper's
+                   encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta["encoder_bound"], base_name=meta["base"], base_fingerprint=fp,
+                   max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta["long_prompt_policy"],
+                   compressor=meta["compressor"], keep_marked=meta["keep_marked"], merge_policy=meta["merge_policy"],
+                   segment_tokens=meta["segment_tokens"], policy_score=meta["policy_score"], encoder_shape=meta["encoder_shape"])
         if lora is not None:
             from peft import PeftModel
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from ktm.encoder import MergeEncoder, encoder_parameters, hidden_size
 from ktm.errors import KTMError
-from ktm.model import KTMModel, LoraSettings, block_layout, last_positions, merged_length
+from ktm.io import write_json
+from ktm.model import UNRECORDED, KTMModel, LoraSettings, block_layout, last_positions, merged_length
 
 PROMPTS = ["Tree: ab\n+cd, Task: Parent/Child Relationship, Parent: ab, Child: cd, Answer: ",
            "hi", "abc", "abcd", "abcde", "a much longer prompt than the others, with several words in it"]
@@ -388,6 +391,15 @@ def test_save_and_from_pretrained_round_trip(tiny, tmp_path):
         b = loaded.forward(loaded.build_batch(ids, k), logits_to_keep=1).logits
         torch.testing.assert_close(a, b)
     assert loaded.ks == [1, 2, 4, 8] and (tmp_path / "export" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_an_export_from_before_each_setting_loads_with_the_value_it_then_had(tiny, tmp_path):
+    path = tiny.save(tmp_path / "export")
+    meta = json.loads((path / "ktm.json").read_text())
+    write_json(path / "ktm.json", {k: v for k, v in meta.items() if k not in UNRECORDED})  # with its sha256 sidecar
+    old = KTMModel.from_pretrained(path)
+    now = {k: v for k, v in old.metadata().items() if k in UNRECORDED}
+    assert now == UNRECORDED and len(now) == len(UNRECORDED)  # every key of the table is one this ktm records
 
 
 def test_merge_export_for_serving(tiny):

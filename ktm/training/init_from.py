@@ -13,8 +13,7 @@ import torch
 
 from ktm.errors import KTMError
 from ktm.io import read_json, verify
-from ktm.model import KTMModel
-from ktm.training.module import UNRECORDED
+from ktm.model import UNRECORDED, KTMModel
 
 
 def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:

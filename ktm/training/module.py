@@ -22,7 +22,7 @@ from torch import nn
 from ktm.attention import CHOICES, resolve
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
-from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets
+from ktm.model import DISTILL_TEACHERS, UNRECORDED, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
@@ -498,11 +498,10 @@ class KTMModule(L.LightningModule):
 # What a checkpoint must share with the run that loads it: the settings that shape the trained weights, and
 # the base weights themselves. Compared where the checkpoint records them: the CLI compares the config with the
 # checkpoint's hyper_parameters before loading it (they hold no fingerprint), on_load_checkpoint the model
-# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in UNRECORDED
-# (a run's side without the key, e.g. a config from before it, counts the same).
+# with its `ktm` metadata. Checkpoints from before a setting existed lack it; they had the value in ktm.model's
+# UNRECORDED (a run's side without the key, e.g. a config from before it, counts the same).
 CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail", "keep_marked", "encoder_multiplier", "encoder_bound", "encoder_shape",
                    "compressor", "lora")
-UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper"}
 
 
 def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
