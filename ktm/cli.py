@@ -6,6 +6,7 @@
     ktm data build --benchmark tree --stage small | ktm data commits --repo PATH --out FILE
     ktm bench [...]                                                          speed benchmark
     ktm report checkpoints/<exp>/<run> [...]                                 markdown table of a run's metrics
+    ktm curves checkpoints/<exp>/<run> [...] [--metric perplexity] [--ks 4]   a val metric vs step per K (PNG + JSON)
     ktm compare --exp tree_k4 [--compressors merge none ...] [--ks 4] [ARGS]   merge vs baselines, one run per cell
     ktm eval --ckpt <run>/export --data PATH [--ks 2 4] [--max-drift 0.08]   perplexity drift on your texts (exit 1 above)
     ktm experiments                                                          list the configs
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             from ktm.report import main as report_main
 
             report_main(rest)
+        elif cmd == "curves":
+            from ktm.curves import main as curves_main
+
+            curves_main(rest)
         elif cmd == "eval":
             from ktm.drift import main as eval_main
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "experiments":
             print("\n".join(available_experiments()))
         else:
-            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, eval, data, bench, report, compare, experiments")
+            raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, eval, data, bench, report, curves, compare, experiments")
     except KTMError as exc:
         print(f"ktm: error: {exc}", file=sys.stderr)
         return 2
