@@ -19,36 +19,33 @@ from ktm.io import write_json, write_with
 Points = list[tuple[int, float]]
 
 
-def read_curves(run: Path, split: str, metric: str) -> dict[int, Points]:
-    """{K: [(step, value), ...] by step} of `<split>/k<K>/<metric>` in the run's own event files."""
+def _scalars(run: Path) -> dict[str, list[tuple[float, int, float]]]:
+    """{tag: [(wall time, step, value), ...]} over every event file of the run's own folder (not by_k/)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pattern = re.compile(rf"{re.escape(split)}/k(\d+)/{re.escape(metric)}")
-    events: dict[int, list[tuple[float, int, float]]] = {}
+    out: dict[str, list[tuple[float, int, float]]] = {}
     for path in sorted(run.glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            match = pattern.fullmatch(tag)
-            if match:
-                events.setdefault(int(match[1]), []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
+            out.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def read_curves(run: Path, split: str, metric: str) -> dict[int, Points]:
+    """{K: [(step, value), ...] by step} of `<split>/k<K>/<metric>`; a step written twice keeps its later value."""
+    pattern = re.compile(rf"{re.escape(split)}/k(\d+)/{re.escape(metric)}")
     curves = {}
-    for k, rows in events.items():
-        by_step = {step: value for _, step, value in sorted(rows)}  # later writes win
-        curves[k] = sorted(by_step.items())
+    for tag, rows in _scalars(run).items():
+        match = pattern.fullmatch(tag)
+        if match:
+            curves[int(match[1])] = sorted({step: value for _, step, value in sorted(rows)}.items())
     return curves
 
 
 def metric_names(run: Path, split: str) -> list[str]:
     """The `<split>/k<K>/<metric>` metrics a run logged (for the error line when one is missing)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    names = set()
-    for path in run.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 1})
-        acc.Reload()
-        names |= {m[1] for t in acc.Tags()["scalars"] if (m := re.fullmatch(rf"{re.escape(split)}/k\d+/(.+)", t))}
-    return sorted(names)
+    return sorted({m[1] for tag in _scalars(run) if (m := re.fullmatch(rf"{re.escape(split)}/k\d+/(.+)", tag))})
 
 
 def curves_figure(curves: dict[str, dict[int, Points]], ks: list[int], metric: str, split: str):
