@@ -19,33 +19,35 @@ from ktm.io import write_json, write_with
 Points = list[tuple[int, float]]
 
 
-def _scalars(run: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """{tag: [(wall time, step, value), ...]} over every event file of the run's own folder (not by_k/)."""
+# How a run logs a metric per K (ktm.training.callbacks): <split>/k<K>/<metric>
+K_TAG = re.compile(r"(val|test|train|speed)/k(\d+)/(.+)")
+
+
+def k_scalars(run: str | Path) -> dict[tuple[str, int, str], list[tuple[float, int, float]]]:
+    """{(split, K, metric): [(wall time, step, value), ...]} of the `<split>/k<K>/<metric>` scalars in the run's own
+    event files (not by_k/), file after file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, list[tuple[float, int, float]]] = {}
-    for path in sorted(run.glob("events.out.tfevents.*")):
+    out: dict[tuple[str, int, str], list[tuple[float, int, float]]] = {}
+    for path in sorted(Path(run).glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
+            m = K_TAG.fullmatch(tag)
+            if m:
+                out.setdefault((m[1], int(m[2]), m[3]), []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
     return out
 
 
 def read_curves(run: Path, split: str, metric: str) -> dict[int, Points]:
     """{K: [(step, value), ...] by step} of `<split>/k<K>/<metric>`; a step written twice keeps its later value."""
-    pattern = re.compile(rf"{re.escape(split)}/k(\d+)/{re.escape(metric)}")
-    curves = {}
-    for tag, rows in _scalars(run).items():
-        match = pattern.fullmatch(tag)
-        if match:
-            curves[int(match[1])] = sorted({step: value for _, step, value in sorted(rows)}.items())
-    return curves
+    return {k: sorted({step: value for _, step, value in sorted(rows)}.items())
+            for (s, k, m), rows in k_scalars(run).items() if (s, m) == (split, metric)}
 
 
 def metric_names(run: Path, split: str) -> list[str]:
     """The `<split>/k<K>/<metric>` metrics a run logged (for the error line when one is missing)."""
-    return sorted({m[1] for tag in _scalars(run) if (m := re.fullmatch(rf"{re.escape(split)}/k\d+/(.+)", tag))})
+    return sorted({m for s, _, m in k_scalars(run) if s == split})
 
 
 def curves_figure(curves: dict[str, dict[int, Points]], ks: list[int], metric: str, split: str):

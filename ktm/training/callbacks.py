@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
+from ktm.curves import k_scalars
 from ktm.environment import environment
 from ktm.errors import KTMError
 from ktm.io import read_json, write_json, write_text
@@ -349,22 +350,16 @@ def backfill_k_views(folder: str | os.PathLike) -> list[int]:
     """Give a run folder written before TensorBoardViews existed its per-K runs (<run>/by_k/k<K>, unless it has
     them) and its Custom Scalars layout (unless it has one), from its own `val|test/k<K>/<metric>` scalars. Test
     points go to metrics.json's global_step (the old events hold them at step 0). Returns the K written."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG
     from torch.utils.tensorboard import SummaryWriter
 
     folder = Path(folder)
     points: dict[tuple[str, int, str], list[tuple[int, float]]] = {}  # (split, K, metric) -> [(step, value)]
     names: dict[str, list[str]] = {"val": [], "test": [], "train": [], "speed": []}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            m = re.match(r"^(val|test|train|speed)/k(\d+)/(.+)$", tag)
-            if m:
-                names[m[1]].append(m[3])
-                if m[1] in ("val", "test"):
-                    points.setdefault((m[1], int(m[2]), m[3]), []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    for (split, k, name), rows in k_scalars(folder).items():
+        names[split].append(name)
+        if split in ("val", "test"):
+            points[(split, k, name)] = [(s, v) for _, s, v in rows]
     step = None
     with suppress(KTMError, OSError):
         step = read_json(folder / "metrics.json", "metrics file").get("global_step")
