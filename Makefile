@@ -44,8 +44,9 @@ INIT_ARGS  := $(if $(strip $(READ)), --model.init_from=$(READ_DIR)/export)
 REFERENCE_ARGS := --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001
 
 # $(call fit_test_exp,EXP,RUN,EXTRA): fit + test checkpoints/EXP/RUN with EXTRA; one shell line (it sits in loops).
+# ktm test without --ckpt_path evaluates the run's model: best.ckpt where checkpoint.monitor selected one, else last.ckpt.
 fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
-  $(BIN)/ktm test --config checkpoints/$(1)/$(2)/config.yaml --ckpt_path checkpoints/$(1)/$(2)/checkpoints/last.ckpt
+  $(BIN)/ktm test --config checkpoints/$(1)/$(2)/config.yaml
 # $(call fit_test,RUN,EXTRA): the same for $(EXP), with $(ARGS) after EXTRA (ARGS wins). ARGS is not a call
 # argument since its commas ([1,2]) would split it.
 fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
@@ -89,7 +90,7 @@ train: install reading
 ifeq ($(strip $(SEEDS)),)
 	$(call task_read,,default) true
 	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(call start_args,default) $(ARGS)
-	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml --ckpt_path $(RUN_DIR)/checkpoints/last.ckpt
+	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml
 	@echo "metrics: $(RUN_DIR)/metrics.json   model: $(RUN_DIR)/export   (make tensorboard)"
 else
 	$(call per_seed,$(RUN),)
@@ -111,7 +112,7 @@ endif
 sweep: install
 	for k in $(K); do \
 	  $(BIN)/ktm fit --exp $(EXP) --run k$$k --model.ks=[$$k] --data.k_schedule=[$$k] $(ARGS) && \
-	  $(BIN)/ktm test --config checkpoints/$(EXP)/k$$k/config.yaml --ckpt_path checkpoints/$(EXP)/k$$k/checkpoints/last.ckpt || exit 1; \
+	  $(BIN)/ktm test --config checkpoints/$(EXP)/k$$k/config.yaml || exit 1; \
 	done
 
 test: install

@@ -191,7 +191,7 @@ def plan_cell(cell: Cell, exp: str, root: str, schedule: list, args: list[str]) 
 
     folder = run_path(root, exp, cell.run)
     config, last = folder / "config.yaml", folder / "checkpoints" / "last.ckpt"
-    test = ["test", "--config", str(config), "--ckpt_path", str(last)]
+    test = ["test", "--config", str(config)]  # the run's model: best.ckpt where it selected one, else last.ckpt
     present = run_contents(folder) if folder.is_dir() else []
     if not present:
         fit = ["fit", "--exp", exp, "--run", cell.run, "--root", str(root), *cell_settings(cell, schedule), *args]
@@ -298,7 +298,7 @@ def extra_runs(exp: str, root: str, names: list[str], ks: list[int]) -> list[Ext
         mine = [k for k in ks if k > 1 and _test_metrics(doc, k)]
         if not mine:
             raise KTMError(f"--extra run {run} has no test results at K={', '.join(str(k) for k in ks if k > 1)}",
-                           f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}, or pass its K in --ks")
+                           f"run ktm test --config {run / 'config.yaml'}, or pass its K in --ks")
         out.append(Extra(name, run, doc, mine))
     return out
 
@@ -315,7 +315,7 @@ def collect(exp: str, root: str, cells: list[Cell], extras: list[Extra] = ()) ->
         metrics = _test_metrics(doc, cell.k)
         if not metrics:
             raise KTMError(f"run {run} has no test results at K={cell.k}",
-                           f"run ktm test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}")
+                           f"run ktm test --config {run / 'config.yaml'}")
         rows.append(_row(cell.compressor, cell.k, exp, run, doc, metrics))
         docs.append(doc)
     for extra in extras:

@@ -87,7 +87,7 @@ def test_fresh_cells_fit_then_test_with_their_settings(root):
     assert merge.state == "fit" and merge.commands == [
         ["fit", "--exp", EXP, "--run", "cmp_merge_k4", "--root", str(root), "--model.compressor=merge", "--model.ks=[1,2,4]",
          "--data.k_schedule=[1,2,4]", "--trainer.max_epochs=1"],
-        ["test", "--config", f"{run}/cmp_merge_k4/config.yaml", "--ckpt_path", f"{run}/cmp_merge_k4/checkpoints/last.ckpt"]]
+        ["test", "--config", f"{run}/cmp_merge_k4/config.yaml"]]  # ktm test evaluates the run's model (best.ckpt or last.ckpt)
     # the merge keeps the experiment's curriculum up to its K; a baseline trains at its K alone, with K=1 in ks
     merge2 = plan_cell(Cell("merge", 2), EXP, str(root), SCHEDULE, []).commands[0]
     assert merge2[7:] == ["--model.compressor=merge", "--model.ks=[1,2]", "--data.k_schedule=[1,2]"]
@@ -135,7 +135,7 @@ def test_a_half_finished_cell_is_resumed_not_restarted(root):
     step = plan_cell(cell, EXP, str(root), SCHEDULE, ["--trainer.max_epochs=1"])  # ARGS: fresh fits only
     config, last = f"{folder}/config.yaml", f"{folder}/checkpoints/last.ckpt"
     assert step.state == "resume" and step.commands == [["fit", "--config", config, "--ckpt_path", last],
-                                                        ["test", "--config", config, "--ckpt_path", last]]
+                                                        ["test", "--config", config]]
     # no metrics.json yet (killed in its first epoch) is half-finished too
     (folder / "metrics.json").unlink()
     (folder / "metrics.json.sha256").unlink()
@@ -149,7 +149,7 @@ def test_a_cell_stopped_by_ctrl_c_resumes_from_its_newer_interrupted_checkpoint(
     os.utime(folder / "checkpoints" / "interrupted.ckpt", (2_000, 2_000))
     step = plan_cell(cell, EXP, str(root), SCHEDULE, [])
     assert step.commands[0] == ["fit", "--config", f"{folder}/config.yaml", "--ckpt_path", f"{folder}/checkpoints/interrupted.ckpt"]
-    assert step.commands[1][-1] == f"{folder}/checkpoints/last.ckpt"  # the test evaluates the final state
+    assert step.commands[1] == ["test", "--config", f"{folder}/config.yaml"]  # then the run's model, not interrupted.ckpt
 
 
 def test_a_finished_fit_without_test_results_is_only_tested(root):
@@ -157,7 +157,7 @@ def test_a_finished_fit_without_test_results_is_only_tested(root):
     folder = _cell_folder(root, cell, _metrics("mean_pool", 4, 0.5, 0.5, 0.6, test=False))
     step = plan_cell(cell, EXP, str(root), SCHEDULE, [])
     assert step.state == "test" and step.commands == [
-        ["test", "--config", f"{folder}/config.yaml", "--ckpt_path", f"{folder}/checkpoints/last.ckpt"]]
+        ["test", "--config", f"{folder}/config.yaml"]]
 
 
 def test_folders_compare_cannot_continue_are_refused_before_anything_runs(root):

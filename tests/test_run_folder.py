@@ -272,6 +272,9 @@ def test_evaluating_a_trained_run_without_a_checkpoint_uses_last_or_refuses(tmp_
     assert eval_checkpoint(tmp_path / "none", "ktm test") is None  # no run: the untrained model (a baseline)
     run = fake_run(tmp_path / "r")
     assert eval_checkpoint(run, "ktm test") == run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"x")  # selected by checkpoint.monitor: the run's model
+    assert eval_checkpoint(run, "ktm test") == run / "checkpoints" / "best.ckpt"
+    (run / "checkpoints" / "best.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt").rename(run / "checkpoints" / "epoch=0-step=2.ckpt")
     with pytest.raises(KTMError, match=r"has checkpoints but no last.ckpt, and `ktm validate` was given no --ckpt_path -> "
                                        r"pass --ckpt_path .*epoch=0-step=2.ckpt"):

@@ -447,6 +447,8 @@ class RunOutputs(L.Callback):
         doc.setdefault("environment", {})[phase] = environment()
         if phase == "fit":  # a later `ktm test` starts a fresh trainer at step 0
             doc["global_step"] = trainer.global_step
+            if pl_module.selected:
+                doc["selected"] = pl_module.selected
             if pl_module.encoder_watch:
                 doc["encoder_watch"] = {f"k{k}": v for k, v in sorted(pl_module.encoder_watch.items())}
         write_json(path, doc)

@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -22,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
 from ktm.model import LoraSettings, check_settings
+from ktm.training.checkpointing import KTMModelCheckpoint, check_monitor
 from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, ValidateAtMaxSteps, run_dir
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
@@ -162,17 +162,6 @@ class KTMSaveConfig(SaveConfigCallback):
             write_text(path, self.parser.dump(config, skip_none=False))
 
 
-class KTMModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus: last.ckpt always holds the final state once training ends.
-    (With every_n_train_steps, Lightning keeps the last *periodic* save as last.ckpt, so `ktm test
-    --ckpt_path .../last.ckpt` would evaluate a model older than the exported one.)"""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
 class KTMCLI(LightningCLI):
     """LightningCLI with ktm's run-folder options, checks and defaults. `command` ("ktm fit") is named in
     errors; `claimed` receives the RunFolder this command locks (rank zero), for BeginRun and the caller."""
@@ -270,6 +259,8 @@ def check_parsed_settings(cfg) -> None:
     check_data_args(**cfg.data.as_dict())
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
+    if cfg.get("checkpoint") is not None:
+        check_monitor(cfg.checkpoint.get("monitor"), cfg.checkpoint.get("mode"), m.ks, m.eval_ks)
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
                    m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape)
 

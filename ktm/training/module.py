@@ -22,6 +22,7 @@ from torch import nn
 from ktm.attention import CHOICES, resolve
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
+from ktm.training.checkpointing import SELECTABLE
 from ktm.model import DISTILL_TEACHERS, UNRECORDED, KTMModel, LoraSettings, same_lora_targets
 
 log = logging.getLogger("ktm")
@@ -192,6 +193,7 @@ class KTMModule(L.LightningModule):
         self._encoder_lrs = encoder_lrs  # {K: lr}, empty when one lr serves all encoders
         self._k_entry: list[int] | None = None  # the K schedule entry trained last (checkpointed)
         self.trained_step: int | None = None  # global step of the checkpoint this trainer call loaded (None: none)
+        self.selected: dict[str, Any] | None = None  # the checkpoint chosen by checkpoint.monitor (checkpointing.py)
 
     # -- wiring to the data --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -395,6 +397,11 @@ class KTMModule(L.LightningModule):
             for name in ("accuracy", "balanced_accuracy", "perplexity", "pl_f1"):
                 if name in values and len(dm.stages) > 1:  # the same numbers tagged by data stage, to compare stages
                     self.log(f"{split}_stage/{dm.stage}/k{k}/{name}", values[name], rank_zero_only=True, logger=fitting)
+        if split == "val":  # one number for every K, to select one checkpoint for all of them (checkpoint.monitor)
+            for name in SELECTABLE:
+                if all(name in values for values in per_k.values()):
+                    mean = sum(values[name] for values in per_k.values()) / len(per_k)
+                    self.log(f"val/kmean/{name}", mean, rank_zero_only=True, logger=fitting)
         self.results[split] = per_k
         return per_k
 
@@ -478,6 +485,7 @@ class KTMModule(L.LightningModule):
         checkpoint["ktm_counts"] = {"truncated_prompts": self.model.truncated_prompts}  # so a resumed run keeps counting
         checkpoint["ktm_k_entry"] = self._k_entry  # a resumed epoch is not a K change
         checkpoint["ktm_encoder_watch"] = self.encoder_watch  # a resumed run keeps its largest ratio and its warning
+        checkpoint["ktm_val"] = self.results.get("val")  # the validation this state scored (a selected checkpoint reports it)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ktm")

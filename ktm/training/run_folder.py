@@ -14,8 +14,9 @@ The rules, all here (the CLI calls them; tests/test_run_folder.py checks each):
   filesystems) the recorded pid decides: alive on this host = busy, dead = stale.
 - **nothing half-made**: a folder this command created is removed again if the command ends before the
   run wrote anything (a failed check, Ctrl-C while the base loads).
-- `ktm test`/`validate` without `--ckpt_path` on a trained run evaluate its `last.ckpt` (and say so), or
-  refuse: untrained-model numbers never go into a trained run's metrics.json (`eval_checkpoint`).
+- `ktm test`/`validate` without `--ckpt_path` on a trained run evaluate its model (and say so): `best.ckpt`
+  where `checkpoint.monitor` selected one (checkpointing.py), else `last.ckpt`; or refuse: untrained-model
+  numbers never go into a trained run's metrics.json (`eval_checkpoint`).
 """
 
 from __future__ import annotations
@@ -132,12 +133,13 @@ def _trained(folder: Path) -> bool:
 
 
 def eval_checkpoint(folder: Path, command: str) -> Path | None:
-    """The checkpoint `ktm test`/`validate` without `--ckpt_path` evaluates in run folder `folder`:
-    its last.ckpt if the run has checkpoints, None for a folder without a trained run (the untrained
-    model is then what is evaluated), and a KTMError where neither fits."""
-    last = folder / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last
+    """The checkpoint `ktm test`/`validate` without `--ckpt_path` evaluates in run folder `folder`: the
+    run's model, i.e. best.ckpt where the fit selected one by validation (its export holds the same weights),
+    else last.ckpt; None for a folder without a trained run (the untrained model is then what is
+    evaluated), and a KTMError where neither fits."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / "checkpoints" / name).is_file():
+            return folder / "checkpoints" / name
     files = _checkpoint_files(folder)
     if files:
         names = ", ".join(p.name for p in files[:6])
