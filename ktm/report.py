@@ -34,6 +34,10 @@ def render(metrics: dict, title: str = "") -> str:
              f"benchmark `{data.get('benchmark')}` ({data.get('task')}), stage `{data.get('stage')}`, "
              f"source `{data.get('source')}`, global step {metrics.get('global_step')}, "
              f"wall time (s) {metrics.get('wall_seconds')}", ""]
+    chosen = metrics.get("selected")
+    if chosen:  # checkpoint.monitor: val and test below are of this checkpoint, not of the final step
+        lines += [f"model: the best validation, step {chosen['step']} of {chosen['final_step']} "
+                  f"({chosen['monitor']} {_fmt(chosen['value'], 4)}, {chosen['checkpoint']})", ""]
     classification = data.get("task") == "classification"
     for split in ("test", "val"):
         rows = metrics.get(split)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,8 +24,19 @@ TINY = ["--exp", "tree_k4", "--model.base=config:tiny-llama", "--model.ks=[1,2]"
         "--trainer.max_time=null", "--data.final_threshold=1.0", "--model.lr_lora=0.01"]
 
 
+class LastSaved(L.Callback):
+    """Test helper: the step last.ckpt holds when each epoch starts (a resume from it must lose no epoch)."""
+
+    steps: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        last = trainer.checkpoint_callback.dirpath + "/last.ckpt"
+        LastSaved.steps.append(torch.load(last, weights_only=True)["global_step"] if trainer.current_epoch else 0)
+
+
 @pytest.mark.parametrize("monitor,mode,ks,eval_ks,message", [
     (None, "min", [4], None, None),
+    ("val/k4/pl_f1", "max", [1, 4], None, None),
     ("val/k4/balanced_accuracy", "max", [1, 4], None, None),
     ("val/kmean/balanced_accuracy", "max", [1, 2, 4], None, None),
     ("val/k2/perplexity", "min", [1, 2], [2], None),
@@ -46,6 +58,12 @@ def test_check_monitor(monitor, mode, ks, eval_ks, message):
             check_monitor(monitor, mode, ks, eval_ks)
 
 
+def test_a_perplexity_benchmark_has_no_accuracy_to_select_by():
+    check_monitor("val/k2/perplexity", "min", [1, 2], None, task="perplexity")
+    with pytest.raises(KTMError, match=r"scored by perplexity, not accuracy -> monitor val/k2/perplexity with --checkpoint.mode=min"):
+        check_monitor("val/k2/balanced_accuracy", "max", [1, 2], None, task="perplexity")
+
+
 def test_a_bad_monitor_is_one_line_before_the_run_folder_exists(tmp_path, capsys):
     code = main(["fit", *TINY, "--root", str(tmp_path), "--run", "r", "--checkpoint.monitor=val/k2/balanced_accuracy"])
     err = capsys.readouterr().err
@@ -56,8 +74,10 @@ def test_a_bad_monitor_is_one_line_before_the_run_folder_exists(tmp_path, capsys
 def test_the_best_validation_becomes_the_export_and_what_ktm_test_evaluates(tmp_path, caplog):
     root = tmp_path / "runs"
     monitor = "val/k2/balanced_accuracy"
+    LastSaved.steps = []
     assert main(["fit", *TINY, "--root", str(root), "--run", "sel", "--trainer.max_epochs=4", f"--checkpoint.monitor={monitor}",
-                 "--checkpoint.mode=max"]) == 0
+                 "--checkpoint.mode=max", "--trainer.callbacks+=test_selection.LastSaved"]) == 0
+    assert LastSaved.steps == [0, 4, 8, 12]  # last.ckpt moved on at every epoch, improved or not
     run = root / "tree_k4" / "sel"
     metrics = json.loads((run / "metrics.json").read_text())
     selected = metrics["selected"]
@@ -76,10 +96,16 @@ def test_the_best_validation_becomes_the_export_and_what_ktm_test_evaluates(tmp_
     in_ckpt = [t for n, t in ckpt["state_dict"].items() if n.startswith("model.encoders") and n.endswith(name.split("encoders.")[-1])]
     assert in_ckpt and any(torch.equal(t, exported[name]) for t in in_ckpt)
 
-    with caplog.at_level(logging.INFO, logger="ktm"):
-        assert main(["test", "--config", str(run / "config.yaml")]) == 0
+    logger = logging.getLogger("ktm")  # the CLI's logger does not propagate: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ktm"):
+            assert main(["test", "--config", str(run / "config.yaml")]) == 0
+    finally:
+        logger.removeHandler(caplog.handler)
     assert f"evaluates the run's {best}" in caplog.text
     assert "k2" in json.loads((run / "metrics.json").read_text())["test"]
+    assert f"model: the best validation, step {selected['step']} of 16 ({monitor} " in (run / "results.md").read_text()
 
 
 def test_only_validations_on_the_last_data_stage_are_candidates(tmp_path):

@@ -31,8 +31,9 @@ MONITOR = re.compile(r"val/k(\d+|mean)/(\w+)")
 BEST = "best.ckpt"
 
 
-def check_monitor(monitor: str | None, mode: str, ks: list[int], eval_ks: list[int] | None) -> None:
-    """One line for a monitor ktm never logs, a K it does not evaluate, or a mode that would keep the worst."""
+def check_monitor(monitor: str | None, mode: str, ks: list[int], eval_ks: list[int] | None, task: str | None = None) -> None:
+    """One line for a monitor ktm never logs (for the benchmark's `task`, where known), a K it does not evaluate,
+    or a mode that would keep the worst."""
     if monitor is None:
         return
     example = "e.g. --checkpoint.monitor=val/k4/balanced_accuracy --checkpoint.mode=max"
@@ -40,6 +41,9 @@ def check_monitor(monitor: str | None, mode: str, ks: list[int], eval_ks: list[i
     if not m or m[2] not in SELECTABLE:
         raise KTMError(f"checkpoint.monitor={monitor!r} is not a validation number ktm selects by: val/k<K>/<metric> or "
                        f"val/kmean/<metric> (the mean over K), metric one of {', '.join(SELECTABLE)}", example)
+    if task == "perplexity" and "accuracy" in m[2]:
+        raise KTMError(f"checkpoint.monitor={monitor}: this benchmark is scored by perplexity, not accuracy",
+                       f"monitor val/k{m[1]}/perplexity with --checkpoint.mode=min")
     evaluated = sorted(set(eval_ks or ks))
     if m[1] != "mean" and int(m[1]) not in evaluated:
         raise KTMError(f"checkpoint.monitor={monitor!r}: K={m[1]} is not evaluated (validation runs K in {evaluated})",
@@ -57,12 +61,6 @@ class KTMModelCheckpoint(ModelCheckpoint):
 
     _last_stage = True  # whether the validation just run was on the curriculum's last data stage
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        # the benchmark (hence the task) is known only now, still before the run folder is written
-        if self.monitor and pl_module.task != "classification" and "accuracy" in self.monitor:
-            raise KTMError(f"checkpoint.monitor={self.monitor}: this benchmark is scored by perplexity, not accuracy",
-                           "monitor val/k<K>/perplexity with --checkpoint.mode=min")
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # before the module's hook, which may move the curriculum to the next stage
         dm = trainer.datamodule
@@ -72,12 +70,21 @@ class KTMModelCheckpoint(ModelCheckpoint):
         if self.monitor is None or self._last_stage:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
+    # Lightning saves last.ckpt at an epoch's end only when it saved a top-k file there too: with a monitor, an
+    # epoch that did not improve would be lost to a resume. Its epoch-end save runs in one of these two hooks.
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        # Lightning saves last.ckpt at an epoch's end only when the top-k file was saved too: with a monitor, an
-        # epoch that did not improve would be lost to a resume
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer) -> None:
         if self.monitor and self.save_last and self._every_n_epochs >= 1 and not self._should_skip_saving_checkpoint(trainer) \
-                and not self._should_save_on_train_epoch_end(trainer) and self._last_global_step_saved != trainer.global_step:
+                and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:

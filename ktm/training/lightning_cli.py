@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ktm.benchmarks import REGISTRY
 from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
 from ktm.model import LoraSettings, check_settings
@@ -260,7 +261,8 @@ def check_parsed_settings(cfg) -> None:
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     if cfg.get("checkpoint") is not None:
-        check_monitor(cfg.checkpoint.get("monitor"), cfg.checkpoint.get("mode"), m.ks, m.eval_ks)
+        task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
+        check_monitor(cfg.checkpoint.get("monitor"), cfg.checkpoint.get("mode"), m.ks, m.eval_ks, task)
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
                    m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape)
 
