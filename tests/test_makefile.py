@@ -35,7 +35,7 @@ def test_train_without_seeds_reads_twice_then_trains_one_run(exp, task_read):
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
         f".venv/bin/ktm fit --exp {task_read} --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
         f".venv/bin/ktm fit --exp {exp} --run default --model.init_from=checkpoints/{task_read}/default/export ",
-        f".venv/bin/ktm test --config checkpoints/{exp}/default/config.yaml --ckpt_path checkpoints/{exp}/default/checkpoints/last.ckpt"]
+        f".venv/bin/ktm test --config checkpoints/{exp}/default/config.yaml"]  # the run's model: best.ckpt or last.ckpt
     assert task_read not in " ".join(_ktm(_dry("train", f"EXP={exp}", "TASK_READ=")))
     assert _dry("train") == _dry("train", "EXP=tree_k4")  # tree_k4 is make train's experiment
 
@@ -76,7 +76,7 @@ def test_train_with_seeds_runs_each_into_its_folder():
     (loop, report) = _ktm(_dry("train", "SEEDS=0 1 2", "RUN=r", "READ=", "ARGS=--model.ks=[1,4]"))
     assert loop.startswith("for s in 0 1 2; do ") and loop.endswith("|| exit 1; done")
     assert ".venv/bin/ktm fit --exp tree_k4 --run r_s$s  --seed_everything=$s --data.seed=$s --model.ks=[1,4] &&" in loop
-    assert "--config checkpoints/tree_k4/r_s$s/config.yaml --ckpt_path checkpoints/tree_k4/r_s$s/checkpoints/last.ckpt" in loop
+    assert "&& .venv/bin/ktm test --config checkpoints/tree_k4/r_s$s/config.yaml ||" in loop
     assert report == ".venv/bin/ktm report checkpoints/tree_k4"
 
 
