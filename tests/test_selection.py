@@ -115,3 +115,14 @@ def test_only_validations_on_the_last_data_stage_are_candidates(tmp_path):
                  "--data.max_rounds=1", "--checkpoint.monitor=val/kmean/perplexity"]) == 0
     selected = json.loads((root / "tree_k4" / "stages" / "metrics.json").read_text())["selected"]
     assert selected["step"] == selected["final_step"] == 8 and selected["monitor"] == "val/kmean/perplexity"
+
+
+def test_saves_every_n_steps_are_never_candidates(tmp_path):
+    # 4 steps an epoch, a save every 3 steps: the step-3, 6 and 9 saves would carry the previous validation's score
+    root = tmp_path / "runs"
+    assert main(["fit", *TINY, "--root", str(root), "--run", "steps", "--trainer.max_epochs=3", "--checkpoint.every_n_train_steps=3",
+                 "--checkpoint.monitor=val/k2/perplexity"]) == 0
+    run = root / "tree_k4" / "steps"
+    selected = json.loads((run / "metrics.json").read_text())["selected"]
+    assert selected["step"] in (4, 8, 12) and selected["final_step"] == 12
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12

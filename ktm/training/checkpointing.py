@@ -60,32 +60,42 @@ class KTMModelCheckpoint(ModelCheckpoint):
     with a monitor, the selection of the module docstring."""
 
     _last_stage = True  # whether the validation just run was on the curriculum's last data stage
+    _validated = False  # a validation ran since the last epoch-end save (its score belongs to the weights now)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # before the module's hook, which may move the curriculum to the next stage
         dm = trainer.datamodule
         self._last_stage = dm is None or dm.stage_index == len(dm.stages) - 1
+        self._validated = trainer.state.fn == "fit"
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
-        if self.monitor is None or self._last_stage:
+        # With a monitor, a candidate is a state right after its validation: a save every_n_train_steps in between
+        # would carry the previous validation's score (Lightning's step saves still write last.ckpt)
+        if self.monitor is None or (self._validated and self._last_stage):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
-    # Lightning saves last.ckpt at an epoch's end only when it saved a top-k file there too: with a monitor, an
-    # epoch that did not improve would be lost to a resume. Its epoch-end save runs in one of these two hooks.
+    # After each validation (in whichever of these two hooks Lightning saves at an epoch's end), with a monitor: the
+    # validated state competes even when saves come every_n_train_steps only, and last.ckpt moves on even when it
+    # did not improve (Lightning writes last.ckpt there only beside a new top-k file: a resume would lose epochs).
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+            self._after_validation(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+            self._after_validation(trainer)
 
-    def _save_last_if_missed(self, trainer) -> None:
-        if self.monitor and self.save_last and self._every_n_epochs >= 1 and not self._should_skip_saving_checkpoint(trainer) \
-                and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _after_validation(self, trainer) -> None:
+        if not (self.monitor and self._validated) or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self._every_n_epochs < 1:
+            self._save_topk_checkpoint(trainer, candidates)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, candidates)
+        self._validated = False
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
