@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -134,8 +135,6 @@ def link_best(source: Path) -> Path:
     try:
         os.link(source, tmp)
     except OSError:
-        import shutil
-
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
     digest = recorded_sha256(source)

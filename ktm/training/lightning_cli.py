@@ -260,9 +260,8 @@ def check_parsed_settings(cfg) -> None:
     check_data_args(**cfg.data.as_dict())
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
-    if cfg.get("checkpoint") is not None:
-        task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
-        check_monitor(cfg.checkpoint.get("monitor"), cfg.checkpoint.get("mode"), m.ks, m.eval_ks, task)
+    task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
+    check_monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, m.ks, m.eval_ks, task)  # the checkpoint group is always parsed
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
                    m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape)
 
