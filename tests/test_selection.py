@@ -126,3 +126,14 @@ def test_saves_every_n_steps_are_never_candidates(tmp_path):
     selected = json.loads((run / "metrics.json").read_text())["selected"]
     assert selected["step"] in (4, 8, 12) and selected["final_step"] == 12
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_a_run_capped_by_max_steps_mid_epoch_selects_from_its_final_validation_too(tmp_path):
+    # 4 steps an epoch, max_steps=10: ValidateAtMaxSteps validates at step 10, and that state competes
+    root = tmp_path / "runs"
+    assert main(["fit", *TINY, "--root", str(root), "--run", "capped", "--trainer.max_epochs=3", "--trainer.max_steps=10",
+                 "--checkpoint.monitor=val/k2/perplexity", "--checkpoint.save_top_k=-1"]) == 0
+    checkpoints = root / "tree_k4" / "capped" / "checkpoints"
+    candidates = sorted(torch.load(p, weights_only=True)["global_step"] for p in checkpoints.glob("epoch=*.ckpt"))
+    assert candidates == [4, 8, 10]
+    assert json.loads((root / "tree_k4" / "capped" / "metrics.json").read_text())["selected"]["final_step"] == 10
