@@ -28,7 +28,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ FORMAT_VERSION = 1
 # of ktm.json and of checkpoint metadata takes a missing key from here: from_pretrained, init_from, resume).
 UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper",
               "long_prompt_policy": "error", "merge_policy": "fixed", "segment_tokens": 16, "policy_score": "surprisal"}
+
+
+def with_unrecorded(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """`meta` with each UNRECORDED setting it lacks at the value it then had."""
+    return {**UNRECORDED, **meta}
 # A prompt: a string (all of it merged K-to-1), or a pair (text to merge, text kept in tokens after it).
 Prompt = Union[str, tuple[str, str]]
 ALL_LINEAR, LM_HEAD = "all-linear", "lm_head"
@@ -962,7 +967,7 @@ class KTMModel(nn.Module):
                 f"but {base_name!r} has weights {fp[:12]}...",
                 f"load it with the base it was trained on ({meta['base']})",
             )
-        meta = {**UNRECORDED, **meta}
+        meta = with_unrecorded(meta)
         self = cls(model, tokenizer, ks=meta["ks"], keep_tail=meta["keep_tail"], lora=None,
                    encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta["encoder_bound"], base_name=meta["base"], base_fingerprint=fp,
                    max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta["long_prompt_policy"],

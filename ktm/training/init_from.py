@@ -13,7 +13,7 @@ import torch
 
 from ktm.errors import KTMError
 from ktm.io import read_json, verify
-from ktm.model import UNRECORDED, KTMModel
+from ktm.model import KTMModel, with_unrecorded
 
 
 def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
@@ -28,9 +28,8 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
         if theirs.get(key) != mine.get(key):
             raise KTMError(f"model.init_from {directory} has LoRA {key}={theirs.get(key)}, this run has {mine.get(key)}", fix)
     for key in ("hidden_size", "encoder_multiplier", "encoder_bound", "encoder_shape"):
-        value = meta.get(key, UNRECORDED.get(key))  # exports from before a key had its UNRECORDED value
-        if value != ours[key]:
-            raise KTMError(f"model.init_from {directory} has {key}={value}, this run has {ours[key]}", fix)
+        if meta[key] != ours[key]:
+            raise KTMError(f"model.init_from {directory} has {key}={meta[key]}, this run has {ours[key]}", fix)
     missing = [k for k in model.ks if k > 1 and k not in meta.get("ks", [])]
     if missing:
         raise KTMError(f"model.init_from {directory} has no merge encoder for K={missing} (it has K={meta.get('ks')})",
@@ -43,7 +42,7 @@ def load_trained_weights(model: KTMModel, directory: str | Path) -> list[int]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    meta = read_json(directory / "ktm.json", "model.init_from metadata")
+    meta = with_unrecorded(read_json(directory / "ktm.json", "model.init_from metadata"))
     ks = _check(meta, model, directory)
     encoders = load_file(str(verify(directory / "encoder.safetensors", "merge encoder weights"))) if ks else {}
     lora = {}
