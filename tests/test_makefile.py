@@ -66,6 +66,17 @@ def test_task_read_args_go_to_the_reading_stage_only_and_its_tag_names_its_runs(
     assert "--model.init_from=checkpoints/read_tree_k4/default_k1248/export" in single[2]
 
 
+def test_the_one_checkpoint_experiment_reads_the_trees_text_with_every_k_encoder():
+    """tree_k1248 starts as tree_k4, its task reading stage with K=8 too (run names tagged apart from tree_k4's)."""
+    lines = _ktm(_dry("train", "EXP=tree_k1248"))
+    assert lines[1] == (".venv/bin/ktm fit --exp read_tree_k4 --run default_k1248 --reuse  "
+                        "--model.init_from=checkpoints/read_k1248/default/export '--model.ks=[1,2,4,8]' && true")
+    assert lines[2].startswith(".venv/bin/ktm fit --exp tree_k1248 --run default "
+                               "--model.init_from=checkpoints/read_tree_k4/default_k1248/export")
+    assert "--model.ks" not in lines[2]
+    assert "--run default --reuse  --model.init_from" in _ktm(_dry("train", "EXP=tree_k1248", "TASK_READ_ARGS=", "TASK_READ_TAG="))[1]
+
+
 @pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k2",)])
 def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
     lines = _ktm(_dry("train", *args))
