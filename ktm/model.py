@@ -56,6 +56,8 @@ UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False
 def with_unrecorded(meta: Mapping[str, Any]) -> dict[str, Any]:
     """`meta` with each UNRECORDED setting it lacks at the value it then had."""
     return {**UNRECORDED, **meta}
+
+
 # A prompt: a string (all of it merged K-to-1), or a pair (text to merge, text kept in tokens after it).
 Prompt = Union[str, tuple[str, str]]
 ALL_LINEAR, LM_HEAD = "all-linear", "lm_head"

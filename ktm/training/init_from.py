@@ -28,8 +28,8 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
         if theirs.get(key) != mine.get(key):
             raise KTMError(f"model.init_from {directory} has LoRA {key}={theirs.get(key)}, this run has {mine.get(key)}", fix)
     for key in ("hidden_size", "encoder_multiplier", "encoder_bound", "encoder_shape"):
-        if meta[key] != ours[key]:
-            raise KTMError(f"model.init_from {directory} has {key}={meta[key]}, this run has {ours[key]}", fix)
+        if meta.get(key) != ours[key]:
+            raise KTMError(f"model.init_from {directory} has {key}={meta.get(key)}, this run has {ours[key]}", fix)
     missing = [k for k in model.ks if k > 1 and k not in meta.get("ks", [])]
     if missing:
         raise KTMError(f"model.init_from {directory} has no merge encoder for K={missing} (it has K={meta.get('ks')})",
