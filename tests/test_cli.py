@@ -63,6 +63,16 @@ def test_checkpoint_mismatch(saved, mine, expected):
     assert checkpoint_mismatch(saved, mine) == expected
 
 
+def test_checkpoint_mismatch_reads_the_parsed_config_as_the_cli_passes_it():
+    """The CLI compares with cfg.model, a jsonargparse Namespace whose dict unpacking flattens model.lora."""
+    from jsonargparse import Namespace
+
+    mine = Namespace(**{**SETTINGS, "lora": Namespace(**SETTINGS["lora"])})
+    assert checkpoint_mismatch(SETTINGS, mine) is None
+    mine.lora.r = 8
+    assert checkpoint_mismatch(SETTINGS, mine)[0] == "lora"
+
+
 def test_a_checkpoint_with_the_old_explicit_lora_list_fits_the_new_default_spelling():
     from ktm.model import DEFAULT_LORA_TARGETS, LLAMA_LORA_TARGETS
 
