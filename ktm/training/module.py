@@ -23,7 +23,7 @@ from ktm.attention import CHOICES, resolve
 from ktm.errors import KTMError, check_choice, check_count, check_share
 from ktm.metrics import KMetrics, add_perplexity_f1
 from ktm.training.checkpointing import SELECTABLE
-from ktm.model import DISTILL_TEACHERS, UNRECORDED, KTMModel, LoraSettings, same_lora_targets
+from ktm.model import DISTILL_TEACHERS, KTMModel, LoraSettings, same_lora_targets, with_unrecorded
 
 log = logging.getLogger("ktm")
 HIDDEN_AT = ("targets", "all")  # model.distill_hidden_at
@@ -514,10 +514,12 @@ CKPT_MUST_MATCH = ("base", "base_fingerprint", "hidden_size", "ks", "keep_tail",
 def checkpoint_mismatch(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     """(key, the checkpoint's value, this run's value) for the first key of CKPT_MUST_MATCH on which they differ,
     None when the checkpoint fits. K values compare as a set, LoRA settings by the shapes they give."""
-    for key in CKPT_MUST_MATCH:  # `mine` may be the parsed config (a Namespace: .get only, no dict unpacking)
-        if key not in saved and key not in UNRECORDED:
+    mine = mine.as_dict() if hasattr(mine, "as_dict") else mine  # the CLI passes the parsed config, a Namespace
+    saved, mine = with_unrecorded(saved), with_unrecorded(mine)
+    for key in CKPT_MUST_MATCH:
+        if key not in saved:
             continue
-        theirs, ours = _comparable(key, saved.get(key, UNRECORDED.get(key))), _comparable(key, mine.get(key, UNRECORDED.get(key)))
+        theirs, ours = _comparable(key, saved[key]), _comparable(key, mine.get(key))
         if theirs != ours and not (key == "lora" and _same_lora_layers(mine.get("base") or saved.get("base"), theirs, ours)):
             return key, theirs, ours
     return None
