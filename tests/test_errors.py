@@ -190,6 +190,7 @@ def test_check_share_is_the_one_rule_for_shares(value, ok):
     ("--data.k_schedule=[1,[2,0]]", "data.k_schedule has an invalid K 0"),
     ("--data.k_schedule=[1,[]]", "data.k_schedule has an empty mixed entry"),
     ("--data.max_train_examples=-3", "data.max_train_examples must be a whole number >= 1 or null, got -3"),
+    ("--data.train_pool=0", "data.train_pool must be a whole number >= 1 or null, got 0"),
     ("--trainer.max_epochs=-2x", "bad value for trainer.max_epochs: '-2x' is not a whole number or null"),
     # the curriculum moves at each validation: validating every 2 epochs silently halved the K schedule's pace
     ("--trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch=2: ktm validates once per epoch"),

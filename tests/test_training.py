@@ -370,3 +370,26 @@ def test_lr_decay_reaches_every_group_at_the_planned_steps(tmp_path):
     assert encoder == pytest.approx([1e-4 * f for f in factors])
     with pytest.raises(KTMError, match=r"model.lr_decay_share must be a number in \[0, 1\], got 1.5"):
         KTMModule(base="config:tiny-llama", ks=[1, 2], lr_decay_share=1.5)
+
+
+def _drawn(dm, epochs):
+    """The training examples of `epochs` successive epochs, as (prompt, target) sets."""
+    draws = []
+    for _ in range(epochs):
+        draws.append({(e.prompt, e.target) for e in dm.train_examples()})
+        dm.after_validation({"balanced_accuracy": 0.0}, 1)
+    return draws
+
+
+def test_train_pool_fixes_one_seeded_subset_and_each_epoch_draws_from_it():
+    args = dict(benchmark="tree", benchmark_args={"n_trees": 60}, k_schedule=[1], balanced_train=False, max_train_examples=10)
+    pooled = _drawn(KTMDataModule(train_pool=20, **args), 4)
+    assert all(len(d) == 10 for d in pooled) and len(set().union(*pooled)) <= 20
+    assert len({frozenset(d) for d in pooled}) > 1  # the per-epoch draw still varies inside the pool
+    assert _drawn(KTMDataModule(train_pool=20, **args), 4) == pooled  # seeded: the same pool and draws again
+    other = set().union(*_drawn(KTMDataModule(train_pool=20, **{**args, "seed": 1}), 4))
+    assert other != set().union(*pooled)
+    unpooled = set().union(*_drawn(KTMDataModule(**args), 4))
+    assert len(unpooled) > 20  # without a pool, four epochs of 10 reach beyond any 20
+    full = KTMDataModule(train_pool=10**6, **{**args, "max_train_examples": None})
+    assert len(full.train_examples()) == len(full.splits(full.stage).train)  # a pool larger than the split keeps it all

@@ -112,7 +112,7 @@ def check_data_args(**h: Any) -> None:
     for name in ("epochs_per_k", "max_rounds", "batch_size", "eval_batch_size"):
         if name in h:
             check_count(f"data.{name}", h[name], 1, f"set data.{name} to e.g. 1 or more")
-    for name in ("max_train_examples", "max_val_examples", "max_test_examples"):
+    for name in ("train_pool", "max_train_examples", "max_val_examples", "max_test_examples"):
         check_count(f"data.{name}", h.get(name), 1, f"set data.{name} to a count, or null for all", allow_none=True)
     if "num_workers" in h:
         check_count("data.num_workers", h["num_workers"], 0, "set data.num_workers to 0 (main process) or more")
@@ -162,6 +162,7 @@ class KTMDataModule(L.LightningDataModule):
         eval_batch_size: int = 32,
         balanced_train: bool = True,
         balanced_eval: bool = False,
+        train_pool: int | None = None,
         max_train_examples: int | None = None,
         max_val_examples: int | None = 500,
         max_test_examples: int | None = 1000,
@@ -184,6 +185,9 @@ class KTMDataModule(L.LightningDataModule):
             batch_size / eval_batch_size: examples per step in training / evaluation.
             balanced_train: down-sample train labels to equal counts (classification).
             balanced_eval: also balance val/test (default False: natural distribution, balanced accuracy reported).
+            train_pool: keep only this many training examples of each stage, one seeded draw that stays the
+                same every epoch (None = all): a learning curve over the labelled set's size. The
+                per-epoch draw of max_train_examples then comes from this pool.
             max_train_examples / max_val_examples / max_test_examples: seeded caps per stage (None = all).
             num_workers: DataLoader workers (0 = in the main process; examples are plain text).
             seed: seed of sampling and balancing.
@@ -282,7 +286,8 @@ class KTMDataModule(L.LightningDataModule):
 
     def train_examples(self) -> list[Example]:
         h = self.hparams
-        return _subsample(self.splits(self.stage).train, h.max_train_examples, h.seed + self.epochs_done,
+        pool = _subsample(self.splits(self.stage).train, h.train_pool, derived_seed(h.seed, "train_pool"), False)
+        return _subsample(pool, h.max_train_examples, h.seed + self.epochs_done,
                           h.balanced_train and self.benchmark.task == "classification")
 
     def eval_examples(self, split: str, stage: str | None = None) -> list[Example]:
