@@ -22,6 +22,8 @@ READ_DEFAULT_tree_k4 := read_k1248
 # amazon_k4: the same two stages lift K=4 test balanced accuracy in every seed (0.696 +- 0.023 against 0.640 +- 0.003
 # from scratch, README Results); its own reading stage is read_amazon_k4 (below).
 READ_DEFAULT_amazon_k4 := read_k1248
+# rt_k4: the same two stages, its own reading stage read_rt_k4 (one seed measured: README Results).
+READ_DEFAULT_rt_k4 := read_k1248
 # tree_k1248 (one checkpoint for K = 1, 2, 4, 8): tree_k4's two stages, the tree's own text read with a K=8 encoder too.
 READ_DEFAULT_tree_k1248 := read_k1248
 READ       ?= $(READ_DEFAULT_$(EXP))
@@ -31,6 +33,7 @@ READ       ?= $(READ_DEFAULT_$(EXP))
 # the task then starts from it instead of READ. TASK_READ= skips it; READ= (from scratch) skips both.
 TASK_READ_DEFAULT_tree_k4 := read_tree_k4
 TASK_READ_DEFAULT_amazon_k4 := read_amazon_k4
+TASK_READ_DEFAULT_rt_k4 := read_rt_k4
 TASK_READ_DEFAULT_tree_k1248 := read_tree_k4
 TASK_READ  ?= $(if $(strip $(READ)),$(TASK_READ_DEFAULT_$(EXP)))
 # TASK_READ_ARGS: arguments for the TASK_READ fits only (ARGS go to the task), e.g. '--model.ks=[1,2,4,8]' when

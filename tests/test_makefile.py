@@ -27,10 +27,10 @@ def test_install_uses_the_constraints():
     assert '-c constraints.txt -e ".[test]" "torch==2.13.0"' in pip[1]
 
 
-@pytest.mark.parametrize("exp, task_read", [("tree_k4", "read_tree_k4"), ("amazon_k4", "read_amazon_k4")])
+@pytest.mark.parametrize("exp, task_read", [("tree_k4", "read_tree_k4"), ("amazon_k4", "read_amazon_k4"), ("rt_k4", "read_rt_k4")])
 def test_train_without_seeds_reads_twice_then_trains_one_run(exp, task_read):
-    """tree_k4 (the default) and amazon_k4: the shared reading checkpoint, then the task's own text read at K=4
-    (TASK_READ), then the task (README Results: higher K=4 in every seed of both)."""
+    """tree_k4 (the default), amazon_k4 and rt_k4: the shared reading checkpoint, then the task's own text read at
+    K=4 (TASK_READ), then the task (README Results: higher K=4 in every seed of the tree and Amazon)."""
     assert _ktm(_dry("train", f"EXP={exp}")) == [
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
         f".venv/bin/ktm fit --exp {task_read} --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
