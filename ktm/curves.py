@@ -58,18 +58,22 @@ def curves_figure(curves: dict[str, dict[int, Points]], ks: list[int], metric: s
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.4), squeeze=False, sharey=True)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: cycle[i % len(cycle)] for i, name in enumerate(curves)}  # a run keeps its colour in every panel
     for ax, k in zip(axes[0], ks):
         for name, by_k in curves.items():
             if by_k.get(k):
                 steps, values = zip(*by_k[k])
-                ax.plot(steps, values, marker=".", ms=3, lw=1.2, label=name)
+                ax.plot(steps, values, marker=".", ms=3, lw=1.2, label=name, color=color[name])
         if metric == "balanced_accuracy":
             ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
         ax.set_title(f"K={k}")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{split} {metric}")
-    axes[0][-1].legend(fontsize=7)
+    # one legend for every run, also those missing from the last panel (a K=1-only reference, say)
+    labelled = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -74,3 +74,16 @@ def test_a_folder_without_events_is_one_line(tmp_path, capsys):
     assert "run folder" in capsys.readouterr().err
     assert main(["curves", str(tmp_path / "empty")]) == 2
     assert "holds no TensorBoard events" in capsys.readouterr().err
+
+
+def test_every_run_is_in_the_legend_with_one_colour_in_every_panel():
+    """A run missing from the last panel (here k1ref, K=1 only) still gets a legend entry, and a run that misses
+    a panel does not shift the others' colours."""
+    from ktm.curves import curves_figure
+
+    curves = {"k1ref": {1: [(99, 0.9)]}, "merged": {1: [(99, 0.8)], 4: [(99, 0.7)]}}
+    fig = curves_figure(curves, [1, 4], "balanced_accuracy", "val")
+    left, right = fig.axes
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["k1ref", "merged", "chance"]
+    colour = {ax: {line.get_label(): line.get_color() for line in ax.get_lines()} for ax in (left, right)}
+    assert colour[left]["merged"] == colour[right]["merged"] != colour[left]["k1ref"]
