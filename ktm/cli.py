@@ -11,7 +11,7 @@
     ktm eval --ckpt <run>/export --data PATH [--ks 2 4] [--max-drift 0.08]   perplexity drift on your texts (exit 1 above)
     ktm experiments                                                          list the configs
 
-`--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml; outputs of a run go to
+`--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml (after the experiments it `extends:`); outputs of a run go to
 checkpoints/<experiment>/<run>/ (TensorBoard events, config.yaml, checkpoints/, export/, metrics.json).
 Problems the user can fix print one line `ktm: error: <problem> -> <fix>` and exit 2; Ctrl-C (SIGTERM)
 during training saves checkpoints/interrupted.ckpt, prints the resume command and exits 130 (143).
@@ -41,6 +41,38 @@ def available_experiments() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "defaults")
 
 
+def experiment_files(name: str) -> list[Path]:
+    """experiments/NAME.yaml after the experiments it `extends:` (a chain, the root first): LightningCLI reads them
+    in this order after defaults.yaml, each overriding the ones before as repeated --config files do."""
+    known, files = available_experiments(), []
+    child = None
+    while name is not None:
+        if name not in known:
+            where = f"experiments/{child}.yaml extends" if child else "unknown experiment"
+            raise KTMError(f"{where} {name!r}" + (", which does not exist" if child else ""), f"use one of: {', '.join(known)}")
+        path = EXPERIMENTS / f"{name}.yaml"
+        if path in files:
+            chain = " -> ".join(p.stem for p in [*reversed(files), path])
+            raise KTMError(f"experiments extend each other in a circle: {chain}", "remove `extends:` from one of them")
+        files.insert(0, path)
+        child, name = name, _extends(path)
+    return files
+
+
+def _extends(path: Path) -> str | None:
+    """The `extends:` entry of an experiment file (None without one)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise KTMError(f"cannot read {path} ({' '.join(str(exc).split())[:120]})", "fix the YAML (ktm fit --exp NAME --print_config shows the result)") from None
+    parent = config.get("extends") if isinstance(config, dict) else None
+    if parent is not None and not isinstance(parent, str):
+        raise KTMError(f"`extends:` in {path} must be one experiment name, got {parent!r}", "write e.g. extends: read_amazon_k4")
+    return parent
+
+
 def expand_exp(argv: list[str]) -> list[str]:
     """Replace `--exp NAME` by the composed config files (+ the experiment name for the run folder)."""
     out, i = [], 0
@@ -49,9 +81,8 @@ def expand_exp(argv: list[str]) -> list[str]:
         if arg == "--exp" or arg.startswith("--exp="):
             name = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 1 if "=" in arg else 2
-            if name not in available_experiments():
-                raise KTMError(f"unknown experiment {name!r}", f"use one of: {', '.join(available_experiments())}")
-            out += ["--config", str(EXPERIMENTS / "defaults.yaml"), "--config", str(EXPERIMENTS / f"{name}.yaml"), "--experiment", name]
+            files = [EXPERIMENTS / "defaults.yaml", *experiment_files(name)]
+            out += [a for f in files for a in ("--config", str(f))] + ["--experiment", name]
             continue
         out.append(arg)
         i += 1

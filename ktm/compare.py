@@ -142,13 +142,14 @@ def plan_cells(compressors: list[str], ks: list[int], schedule: str = "k") -> li
 
 
 def experiment_curriculum(exp: str) -> list:
-    """data.k_schedule of the composed experiment (defaults.yaml, then <exp>.yaml; null = the largest model.ks)."""
+    """data.k_schedule of the composed experiment (defaults.yaml, then <exp>.yaml after the experiments it extends;
+    null = the largest model.ks)."""
     import yaml
 
     from ktm import cli
 
     ks, schedule = [4], None
-    for path in (cli.EXPERIMENTS / "defaults.yaml", cli.EXPERIMENTS / f"{exp}.yaml"):
+    for path in (cli.EXPERIMENTS / "defaults.yaml", *cli.experiment_files(exp)):
         doc = yaml.safe_load(path.read_text()) or {}
         ks = (doc.get("model") or {}).get("ks", ks)
         schedule = (doc.get("data") or {}).get("k_schedule", schedule)

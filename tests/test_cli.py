@@ -117,3 +117,57 @@ def test_every_experiment_config_parses(exp, capsys):
     assert main(["fit", "--exp", exp, "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "ks:" in out and "k_schedule:" in out and "benchmark:" in out
+
+
+# -- experiments that extend another ------------------------------------------------------------------
+
+
+def _experiments(tmp_path, monkeypatch, **files: str) -> Path:
+    import ktm.cli
+
+    for name, text in {"defaults": "", **files}.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(ktm.cli, "EXPERIMENTS", tmp_path)
+    return tmp_path
+
+
+def test_extends_composes_the_chain_root_first(tmp_path, monkeypatch):
+    from ktm.cli import expand_exp
+
+    d = _experiments(tmp_path, monkeypatch, base="model: {}\n", mid="extends: base\n", top="extends: mid\ndata: {}\n")
+    assert expand_exp(["fit", "--exp", "top", "--run", "r"]) == [
+        "fit", "--config", str(d / "defaults.yaml"), "--config", str(d / "base.yaml"), "--config", str(d / "mid.yaml"),
+        "--config", str(d / "top.yaml"), "--experiment", "top", "--run", "r"]
+    assert expand_exp(["fit", "--exp=base"]) == ["fit", "--config", str(d / "defaults.yaml"), "--config", str(d / "base.yaml"),
+                                                 "--experiment", "base"]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"top": "extends: gone\n"}, "experiments/top.yaml extends 'gone', which does not exist -> use one of: top"),
+    ({"a": "extends: b\n", "b": "extends: a\n"}, "experiments extend each other in a circle: a -> b -> a -> remove"),
+    ({"a": "extends: a\n"}, "experiments extend each other in a circle: a -> a -> remove"),
+    ({"a": "extends: [b]\n", "b": ""}, "must be one experiment name, got ['b'] -> write e.g. extends: read_amazon_k4"),
+    ({"a": "extends: b\n", "b": "model: [\n"}, "cannot read"),
+])
+def test_a_bad_extends_is_one_line(files, expected, tmp_path, monkeypatch, capsys):
+    _experiments(tmp_path, monkeypatch, **files)
+    assert main(["fit", "--exp", next(iter(files)), "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_an_extending_experiment_resolves_to_its_parent_with_its_changes(capsys):
+    """read_rt_k4 is read_amazon_k4 on another source: the resolved configs differ in that source (and the
+    recorded names) only, so the file holds just the difference."""
+    import yaml
+
+    def resolved(exp):
+        assert main(["fit", "--exp", exp, "--print_config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    child, parent = resolved("read_rt_k4"), resolved("read_amazon_k4")
+    assert child.pop("extends") == "read_amazon_k4" and parent.pop("extends") is None
+    assert child.pop("experiment") == "read_rt_k4" and parent.pop("experiment") == "read_amazon_k4"
+    assert child["data"]["benchmark_args"].pop("sources") == ["benchmark:rotten_tomatoes"]
+    assert parent["data"]["benchmark_args"].pop("sources") == ["benchmark:amazon"]
+    assert child == parent

@@ -99,6 +99,16 @@ def test_fresh_cells_fit_then_test_with_their_settings(root):
     assert none[7:] == ["--model.compressor=none", "--model.ks=[1]", "--data.k_schedule=[1]"]
 
 
+def test_the_curriculum_of_an_extending_experiment_follows_its_chain(experiments):
+    """An experiment with `extends:` takes its parent's K schedule unless it sets its own."""
+    from ktm.compare import experiment_curriculum
+
+    (experiments / "child.yaml").write_text(f"extends: {EXP}\nmodel:\n  lr_lora: 0.001\n")
+    (experiments / "grandchild.yaml").write_text("extends: child\ndata:\n  k_schedule: [1, 8]\n")
+    assert experiment_curriculum("child") == SCHEDULE
+    assert experiment_curriculum("grandchild") == [1, 8]
+
+
 def test_baselines_on_the_merges_curriculum_are_cells_of_their_own(root, capsys):
     """--baseline-schedule curriculum: a baseline gets the merge's K schedule (the same steps at each K) in a
     folder of its own; none and merge are the same cells under both rules, so they are shared."""

@@ -182,6 +182,8 @@ class KTMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", default="ktm", help="experiment name: outputs under <root>/<experiment>/<run>/")
+        parser.add_argument("--extends", default=None,
+                            help="in an experiment file: the experiment it starts from (ktm/cli.py composes them; recorded only)")
         parser.add_argument("--run", default="default", help="run name inside the experiment folder")
         parser.add_argument("--root", default="checkpoints", help="folder that holds all runs")
         parser.add_argument("--reuse", action="store_true",

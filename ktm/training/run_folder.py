@@ -305,7 +305,7 @@ class RunLock:
 
 # Settings that say where a run writes, how it shows progress or which command made it, not what it trains:
 # two configs that differ only in these make the same run.
-NOT_THE_RUN = ("root", "experiment", "run", "overwrite", "reuse", "ckpt_path", "trainer.logger", "trainer.default_root_dir",
+NOT_THE_RUN = ("root", "experiment", "extends", "run", "overwrite", "reuse", "ckpt_path", "trainer.logger", "trainer.default_root_dir",
                "trainer.enable_progress_bar", "trainer.callbacks")
 _ABSENT = object()
 
