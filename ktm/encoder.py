@@ -68,8 +68,9 @@ class MergeEncoder(nn.Module):
             self.mlp = None
             return
         h = hidden_size(k, d, multiplier)
+        first = nn.Linear(k * d, h)  # built (and its weights drawn) first: a seed gives the same encoder as before the shapes
         tail = [nn.Linear(h, d)] if shape == "shallow" else [nn.Linear(h, k * d), nn.ReLU(), nn.Linear(k * d, d)]
-        self.mlp = nn.Sequential(nn.Linear(k * d, h), nn.ReLU(), *tail)
+        self.mlp = nn.Sequential(first, nn.ReLU(), *tail)
         nn.init.zeros_(self.mlp[-1].weight)  # output == mean at init
         nn.init.zeros_(self.mlp[-1].bias)
 

@@ -118,6 +118,22 @@ def test_the_shallow_encoder_drops_the_middle_layer_and_starts_at_the_mean():
     assert encoder_parameters(4, 576, shape="shallow") == 9_957_312 and encoder_parameters(4, 576) == 17_258_688
 
 
+@pytest.mark.parametrize("shape", ["paper", "shallow"])
+def test_a_seed_draws_the_encoder_layers_in_order(shape):
+    """The layers draw their initial weights first to last, so a seed gives the encoder it gave before
+    model.encoder_shape existed (the shapes once built the last layers first: every fresh encoder, and every run
+    made with one, changed; read_k1248 no longer reproduced its recorded perplexities)."""
+    torch.manual_seed(0)
+    enc = MergeEncoder(2, 3, shape=shape)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 12), torch.nn.Linear(12, 3 if shape == "shallow" else 6)
+    linears = [m for m in enc.mlp if isinstance(m, torch.nn.Linear)]
+    torch.testing.assert_close(linears[0].weight, first.weight, atol=0, rtol=0)
+    torch.testing.assert_close(linears[0].bias, first.bias, atol=0, rtol=0)
+    if shape == "paper":  # the middle layer draws next; the last starts at zero
+        torch.testing.assert_close(linears[1].weight, second.weight, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("n,k,tail,expected", [(10, 4, 0, (2, 2, 0)), (3, 4, 0, (3, 0, 0)), (8, 4, 0, (0, 2, 0)),
                                                (10, 4, 3, (3, 1, 3)), (2, 4, 5, (0, 0, 2)), (7, 1, 0, (0, 7, 0))])
 def test_block_layout(n, k, tail, expected):
