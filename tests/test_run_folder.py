@@ -409,6 +409,7 @@ def test_reuse_keeps_a_finished_run_of_the_same_config_and_refuses_another(train
     assert main(same) == 0
     assert f"--reuse: {run} holds a finished run of this config; nothing to train" in ktm_log.text
     assert main([*same, "--trainer.enable_progress_bar=true"]) == 0  # how progress shows is not the run
+    assert main([*same, "--extends=tree"]) == 0  # nor which experiment file a setting came from (`extends:`)
     assert snapshot(run) == before
     assert main([*same, "--model.lr_encoder=0.002"]) == 2
     assert error_line(capsys) == (f"ktm: error: run folder {run} holds a finished run of another config: model.lr_encoder is 0.0001 "
