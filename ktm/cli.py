@@ -9,7 +9,7 @@
     ktm curves checkpoints/<exp>/<run> [...] [--metric perplexity] [--ks 4]   a val metric vs step per K (PNG + JSON)
     ktm compare --exp tree_k4 [--compressors merge none ...] [--ks 4] [ARGS]   merge vs baselines, one run per cell
     ktm eval --ckpt <run>/export --data PATH [--ks 2 4] [--max-drift 0.08]   perplexity drift on your texts (exit 1 above)
-    ktm experiments                                                          list the configs
+    ktm experiments                                                          list the configs (and what each extends)
 
 `--exp NAME` composes experiments/defaults.yaml with experiments/NAME.yaml (after the experiments it `extends:`); outputs of a run go to
 checkpoints/<experiment>/<run>/ (TensorBoard events, config.yaml, checkpoints/, export/, metrics.json).
@@ -57,6 +57,13 @@ def experiment_files(name: str) -> list[Path]:
         files.insert(0, path)
         child, name = name, _extends(path)
     return files
+
+
+def experiments_table() -> str:
+    """`ktm experiments`: one line per experiment, with the one it extends."""
+    names = available_experiments()
+    width = max(map(len, names), default=0)
+    return "\n".join(f"{n:<{width}}  extends {p}" if (p := _extends(EXPERIMENTS / f"{n}.yaml")) else n for n in names)
 
 
 def _extends(path: Path) -> str | None:
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return eval_main(rest)
         elif cmd == "experiments":
-            print("\n".join(available_experiments()))
+            print(experiments_table())
         else:
             raise KTMError(f"unknown command {cmd!r}", "use one of: fit, validate, test, generate, eval, data, bench, report, curves, compare, experiments")
     except KTMError as exc:

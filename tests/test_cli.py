@@ -156,6 +156,12 @@ def test_a_bad_extends_is_one_line(files, expected, tmp_path, monkeypatch, capsy
     assert len(err) == 1 and expected in err[0], err
 
 
+def test_ktm_experiments_lists_each_with_what_it_extends(tmp_path, monkeypatch, capsys):
+    _experiments(tmp_path, monkeypatch, base="model: {}\n", long_name="extends: base\n")
+    assert main(["experiments"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["base", "long_name  extends base"]
+
+
 def test_an_extending_experiment_resolves_to_its_parent_with_its_changes(capsys):
     """read_rt_k4 is read_amazon_k4 on another source: the resolved configs differ in that source (and the
     recorded names) only, so the file holds just the difference."""
