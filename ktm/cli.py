@@ -48,8 +48,8 @@ def experiment_files(name: str) -> list[Path]:
     child = None
     while name is not None:
         if name not in known:
-            where = f"experiments/{child}.yaml extends" if child else "unknown experiment"
-            raise KTMError(f"{where} {name!r}" + (", which does not exist" if child else ""), f"use one of: {', '.join(known)}")
+            problem = f"experiments/{child}.yaml extends {name!r}, which does not exist" if child else f"unknown experiment {name!r}"
+            raise KTMError(problem, f"use one of: {', '.join(known)}")
         path = EXPERIMENTS / f"{name}.yaml"
         if path in files:
             chain = " -> ".join(p.stem for p in [*reversed(files), path])
