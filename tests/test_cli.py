@@ -113,10 +113,19 @@ def test_layers_import_downwards_only():
                                        if p.stem != "defaults"))
 def test_every_experiment_config_parses(exp, capsys):
     """Each shipped YAML (with the shared defaults) holds only known keys of the right types: `--print_config`
-    parses it all without building anything, and prints the K settings it holds."""
+    parses it all without building anything, and prints the K settings it holds; its trainer and data settings
+    pass the checks a fit makes before building (untested GPU recipes included)."""
+    import yaml
+
+    from ktm.training.data import check_data_args
+    from ktm.training.lightning_cli import check_validation_cadence
+
     assert main(["fit", "--exp", exp, "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "ks:" in out and "k_schedule:" in out and "benchmark:" in out
+    cfg = yaml.safe_load(out)
+    check_validation_cadence(cfg["trainer"])
+    check_data_args(**cfg["data"])
 
 
 # -- experiments that extend another ------------------------------------------------------------------
