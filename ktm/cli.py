@@ -66,15 +66,20 @@ def experiments_table() -> str:
     return "\n".join(f"{n:<{width}}  extends {p}" if (p := _extends(EXPERIMENTS / f"{n}.yaml")) else n for n in names)
 
 
-def _extends(path: Path) -> str | None:
-    """The `extends:` entry of an experiment file (None without one)."""
+def read_experiment(path: Path) -> dict:
+    """One experiment YAML as a dict ({} when empty or not a mapping), or one line when it cannot be read."""
     import yaml
 
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise KTMError(f"cannot read {path} ({' '.join(str(exc).split())[:120]})", "fix the YAML (ktm fit --exp NAME --print_config shows the result)") from None
-    parent = config.get("extends") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def _extends(path: Path) -> str | None:
+    """The `extends:` entry of an experiment file (None without one)."""
+    parent = read_experiment(path).get("extends")
     if parent is not None and not isinstance(parent, str):
         raise KTMError(f"`extends:` in {path} must be one experiment name, got {parent!r}", "write e.g. extends: read_amazon_k4")
     return parent
