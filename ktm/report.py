@@ -3,7 +3,7 @@ and the runs of an experiment folder as mean ± std over seeds (<experiment>/sum
 
 Every accuracy sits beside balanced accuracy and the majority-class baseline; every compressed K
 beside the uncompressed K=1 of the same run, and beside a K=1 LoRA trained alone (`make reference`)
-when the experiment folder holds one.
+when the experiment folder holds one, with the gap to it (GAP) for the means and for each seed's pair of runs.
 """
 
 from __future__ import annotations
@@ -169,7 +169,48 @@ def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
                         "splits": aggregate(docs, [key for _, key in columns[task]])}
     for name, group in groups.items():
         group["reference"] = reference_for(name, groups)
+        if group["reference"]:
+            group["reference_gap"] = reference_gap(group, groups[group["reference"]])
     return groups
+
+
+# What a merged K costs against the K=1 LoRA trained alone: points of balanced accuracy, or a perplexity ratio.
+# {task: (metric, what the gap is, gap(merged, reference), how a gap is written)}
+GAP = {"classification": ("balanced_accuracy", "points of balanced accuracy, K minus the reference",
+                          lambda merged, ref: 100 * (merged - ref), "{:+.1f}".format),
+       "perplexity": ("perplexity", "perplexity, K over the reference", lambda merged, ref: merged / ref, "{:.3f}x".format)}
+
+
+def reference_gap(group: dict, reference: dict) -> dict:
+    """{split: {"k<K>": {"mean": gap of the means, "by_seed": {seed: gap of that seed's two runs}}}} for each
+    K > 1 of `group` (GAP by task). Seeds pair runs of the same seed, the way issue #15 compares them."""
+    key, _, gap, _ = GAP[group["task"]]
+    out: dict = {}
+    for split, rows in group["splits"].items():
+        ref = reference["splits"].get(split, {}).get("k1", {}).get(key)
+        if ref is None:
+            continue
+        ref_by_seed = {group_of(Path(run))[1]: v for run, v in ref["values"].items()}
+        for k, m in rows.items():
+            if k == "k1" or key not in m:
+                continue
+            by_seed = {seed: gap(v, ref_by_seed[seed]) for run, v in m[key]["values"].items()
+                       if (seed := group_of(Path(run))[1]) is not None and seed in ref_by_seed}
+            out.setdefault(split, {})[k] = {"mean": gap(m[key]["mean"], ref["mean"]), "by_seed": by_seed}
+    return out
+
+
+def render_gap(group: dict) -> list[str]:
+    """One line per split: the gap of each merged K to the reference, with each seed's gap in parentheses."""
+    _, title, _, fmt = GAP[group["task"]]
+    lines = []
+    for split, rows in group.get("reference_gap", {}).items():
+        cells = []
+        for k, g in sorted(rows.items(), key=lambda kv: int(kv[0][1:])):
+            seeds = ", ".join(f"s{seed} {fmt(g['by_seed'][seed])}" for seed in sorted(g["by_seed"]))
+            cells.append(f"K={k[1:]} **{fmt(g['mean'])}**" + (f" ({seeds})" if seeds else ""))
+        lines.append(f"- {split}, {title}: " + "; ".join(cells))
+    return lines + [""] if lines else []
 
 
 def _cell(s: dict | None) -> str:
@@ -199,7 +240,7 @@ def render_group(name: str, group: dict, reference: dict | None) -> list[str]:
         ref = (reference or {}).get("splits", {}).get(split, {}).get("k1")
         if rows and ref:  # right under the merged K of the same split
             lines.append(_row(split, "*reference K=1*", ref, keys))
-    return lines + [""]
+    return lines + [""] + render_gap(group)
 
 
 def render_summary(title: str, groups: dict) -> str:

@@ -82,6 +82,31 @@ def test_the_k1_reference_sits_under_the_merged_k(experiment, capsys):
     assert "| test | 4 | 1 | 0.875 | 0.875 | 0.625 |" in out
 
 
+def test_the_gap_to_the_reference_is_computed_per_seed_and_for_the_means(experiment, capsys):
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    groups = _summary(experiment)
+    # test K=4 balanced: default_s0..s2 0.5, 0.75, 1.0 (mean 0.75); k1ref_s0, s1 0.75, 0.5 (mean 0.625)
+    gap = groups["default_s*"]["reference_gap"]["test"]["k4"]
+    assert gap["mean"] == pytest.approx(12.5) and gap["by_seed"] == {"0": pytest.approx(-25.0), "1": pytest.approx(25.0)}
+    assert "- test, points of balanced accuracy, K minus the reference: K=4 **+12.5** (s0 -25.0, s1 +25.0)" in out
+    # a plain run has no seed to pair: the gap of the means only; the reference itself has none
+    assert groups["default"]["reference_gap"]["val"]["k4"] == {"mean": pytest.approx(25.0), "by_seed": {}}
+    assert "- val, points of balanced accuracy, K minus the reference: K=4 **+25.0**\n" in out
+    assert "reference_gap" not in groups["k1ref_s*"]
+
+
+def test_a_perplexity_gap_is_the_ratio_to_the_reference(tmp_path, capsys):
+    for name, rows in (("default_s0", {"k1": 1.5, "k2": 2.0}), ("default_s1", {"k1": 3.0, "k2": 4.0}),
+                       ("k1ref_s0", {"k1": 1.0}), ("k1ref_s1", {"k1": 2.0})):
+        write_json(tmp_path / "commitpack_k2" / name / "metrics.json", {"data": {"benchmark": "commitpack", "task": "perplexity"},
+                   "test": {k: {"perplexity": v, "performance": rows["k1"] / v, "pl_f1": 0.0, "examples": 12.0} for k, v in rows.items()}})
+    main([str(tmp_path / "commitpack_k2")])
+    out = capsys.readouterr().out
+    assert "- test, perplexity, K over the reference: K=2 **2.000x** (s0 2.000x, s1 2.000x)" in out
+    assert set(_summary(tmp_path / "commitpack_k2")["default_s*"]["reference_gap"]["test"]) == {"k2"}  # K=1 is no merged K
+
+
 def test_summary_files_are_written_atomically_with_checksums(experiment, capsys):
     main([str(experiment)])
     out = capsys.readouterr().out
