@@ -183,7 +183,9 @@ GAP = {"classification": ("balanced_accuracy", "points of balanced accuracy, K m
 
 def reference_gap(group: dict, reference: dict) -> dict:
     """{split: {"k<K>": {"mean": gap of the means, "by_seed": {seed: gap of that seed's two runs}}}} for each
-    K > 1 of `group` (GAP by task). Seeds pair runs of the same seed, the way issue #15 compares them."""
+    K > 1 of `group` (GAP by task). Seeds pair runs of the same seed, the way issue #15 compares them; where
+    some pair, the means are over those seeds only (one seed's run against three references' mean would mix
+    the seeds' spread into its gap), else over all runs of each side."""
     key, _, gap, _ = GAP[group["task"]]
     out: dict = {}
     for split, rows in group["splits"].items():
@@ -194,9 +196,11 @@ def reference_gap(group: dict, reference: dict) -> dict:
         for k, m in rows.items():
             if k == "k1" or key not in m:
                 continue
-            by_seed = {seed: gap(v, ref_by_seed[seed]) for run, v in m[key]["values"].items()
-                       if (seed := group_of(Path(run))[1]) is not None and seed in ref_by_seed}
-            out.setdefault(split, {})[k] = {"mean": gap(m[key]["mean"], ref["mean"]), "by_seed": by_seed}
+            pairs = {seed: (v, ref_by_seed[seed]) for run, v in m[key]["values"].items()
+                     if (seed := group_of(Path(run))[1]) is not None and seed in ref_by_seed}
+            means = ((statistics.fmean(a for a, _ in pairs.values()), statistics.fmean(b for _, b in pairs.values()))
+                     if pairs else (m[key]["mean"], ref["mean"]))
+            out.setdefault(split, {})[k] = {"mean": gap(*means), "by_seed": {seed: gap(*p) for seed, p in pairs.items()}}
     return out
 
 

@@ -86,10 +86,11 @@ def test_the_gap_to_the_reference_is_computed_per_seed_and_for_the_means(experim
     main([str(experiment)])
     out = capsys.readouterr().out
     groups = _summary(experiment)
-    # test K=4 balanced: default_s0..s2 0.5, 0.75, 1.0 (mean 0.75); k1ref_s0, s1 0.75, 0.5 (mean 0.625)
+    # test K=4 balanced: default_s0..s2 0.5, 0.75, 1.0; k1ref_s0, s1 0.75, 0.5 (mean 0.625)
+    # the means over the paired seeds 0 and 1 only: 0.625 against 0.625
     gap = groups["default_s*"]["reference_gap"]["test"]["k4"]
-    assert gap["mean"] == pytest.approx(12.5) and gap["by_seed"] == {"0": pytest.approx(-25.0), "1": pytest.approx(25.0)}
-    assert "- test, points of balanced accuracy, K minus the reference: K=4 **+12.5** (s0 -25.0, s1 +25.0)" in out
+    assert gap["mean"] == pytest.approx(0.0) and gap["by_seed"] == {"0": pytest.approx(-25.0), "1": pytest.approx(25.0)}
+    assert "- test, points of balanced accuracy, K minus the reference: K=4 **+0.0** (s0 -25.0, s1 +25.0)" in out
     # a plain run has no seed to pair: the gap of the means only; the reference itself has none
     assert groups["default"]["reference_gap"]["val"]["k4"] == {"mean": pytest.approx(25.0), "by_seed": {}}
     assert "- val, points of balanced accuracy, K minus the reference: K=4 **+25.0**\n" in out
