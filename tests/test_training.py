@@ -393,3 +393,39 @@ def test_train_pool_fixes_one_seeded_subset_and_each_epoch_draws_from_it():
     assert len(unpooled) > 20  # without a pool, four epochs of 10 reach beyond any 20
     full = KTMDataModule(train_pool=10**6, **{**args, "max_train_examples": None})
     assert len(full.train_examples()) == len(full.splits(full.stage).train)  # a pool larger than the split keeps it all
+
+
+def test_phase_shifts_are_fixed_by_step_and_row_and_cover_every_phase():
+    from ktm.training.module import phase_shifts
+
+    draws = [phase_shifts(s, 8, 4) for s in range(200)]
+    assert draws == [phase_shifts(s, 8, 4) for s in range(200)]  # the same on a resumed run
+    flat = [j for row in draws for j in row]
+    assert set(flat) == {0, 1, 2, 3} and all(0.2 < flat.count(j) / len(flat) < 0.3 for j in range(4))
+    assert len({tuple(d) for d in draws}) > 150  # another step, other shifts
+    assert set(j for s in range(50) for j in phase_shifts(s, 8, 2)) == {0, 1}
+
+
+def test_phase_jitter_keeps_more_last_tokens_at_merged_training_steps_only(tmp_path, monkeypatch):
+    """Every K > 1 training step leaves 0..K-1 more last prompt tokens in tokens (drawn by phase_shifts), which moves
+    the prompt's block boundaries; K=1 steps, validation and test build the plain layout."""
+    import torch
+
+    from ktm.model import KTMModel
+    from ktm.training.module import phase_shifts
+
+    calls: list[tuple[bool, int, list[int]]] = []
+    build = KTMModel.build_batch
+
+    def spy(self, prompt_ids, k, target_ids=None, unscored=None, kept=None, policy=None):
+        calls.append((torch.is_grad_enabled(), k, list(kept or [])))
+        return build(self, prompt_ids, k, target_ids, unscored, kept, policy)
+
+    monkeypatch.setattr(KTMModel, "build_batch", spy)
+    assert main(["fit", "--exp", "tree_k4", "--root", str(tmp_path), "--run", "jitter", "--trainer.max_epochs=2", *TINY,
+                 "--model.ks=[1,4]", "--data.k_schedule=[1,4]", "--model.phase_jitter=true"]) == 0
+    train = [(k, kept) for grad, k, kept in calls if grad]
+    assert [k for k, _ in train] == [1] * 4 + [4] * 4  # 32 examples in batches of 8, one epoch per K
+    assert all(kept == [0] * 8 for k, kept in train if k == 1)
+    assert [kept for k, kept in train if k == 4] == [phase_shifts(step, 8, 4) for step in range(4, 8)]
+    assert all(not any(kept) for grad, _, kept in calls if not grad)  # evaluation: the plain layout

@@ -68,6 +68,7 @@ class KTMModule(L.LightningModule):
         budget_share: float = 0.5,
         attention: str = "sdpa",
         fused_adamw: bool = False,
+        phase_jitter: bool = False,
     ):
         """
         Args:
@@ -138,6 +139,11 @@ class KTMModule(L.LightningModule):
                 faster than SDPA, at the same test quality over 3 seeds (README Speed).
             fused_adamw: AdamW as one fused kernel (CPU or CUDA) instead of torch's default; same update up to
                 float rounding, 9-13% faster tree K=4 steps on 2 CPU cores.
+            phase_jitter: at K > 1 training steps each prompt leaves 0..K-1 more of its last tokens in tokens
+                (phase_shifts: drawn from the step and the row), which moves every block boundary, since blocks
+                end where the tokens kept at the end begin: over the epochs one prompt is merged K ways, an
+                augmentation of the merged view for a small labelled set seen many times. Validation, test and
+                the export never jitter (False = the paper).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -281,6 +287,8 @@ class KTMModule(L.LightningModule):
         step = self.trainer.global_step
         k = self.trainer.datamodule.train_k(step, default=self.model.ks[-1])
         prompt_ids, target_ids, unscored, kept = self._token_ids(batch)
+        if k > 1 and self.hparams.get("phase_jitter", False):
+            kept = [min(c + j, len(p)) for c, j, p in zip(kept, phase_shifts(step, len(kept), k), prompt_ids)]
         policy = self.train_policy(step, k)
         b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept, policy)
         hp = self.hparams
@@ -562,11 +570,22 @@ def hidden_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
-def step_draw(step: int) -> float:
-    """A number in [0, 1) fixed by the step number (blake2b), independent of any seeded generator."""
+def _draw(key: str) -> float:
+    """A number in [0, 1) fixed by `key` (blake2b), independent of any seeded generator."""
     import hashlib
 
-    return int.from_bytes(hashlib.blake2b(f"budget:{step}".encode(), digest_size=8).digest(), "big") / 2**64
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def step_draw(step: int) -> float:
+    """A number in [0, 1) fixed by the step number: whether a step is a budget-policy step."""
+    return _draw(f"budget:{step}")
+
+
+def phase_shifts(step: int, rows: int, k: int) -> list[int]:
+    """For each row of a K training step, how many more last prompt tokens stay in tokens (phase_jitter): 0..K-1,
+    fixed by the step and the row, so a resumed run repeats them."""
+    return [int(_draw(f"phase:{step}:{row}") * k) for row in range(rows)]
 
 
 def lr_factor(step: int, warmup_steps: int, planned_steps: float = math.inf, decay_share: float = 0.0) -> float:
