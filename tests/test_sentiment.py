@@ -278,3 +278,19 @@ def test_rotten_tomatoes_labels_and_movie_split(env):
     assert_disjoint(capped)
     again = RottenTomatoes(seed=2, train_size=200, val_size=50, test_size=100, balanced_train=True).build("all")
     assert [e.to_dict() for e in again.test] == [e.to_dict() for e in capped.test]
+
+
+def test_both_benchmarks_mark_the_label_cue_and_the_pair_tokenizes_as_the_whole_prompt(env):
+    """With model.keep_marked the cue " Label:" stays in tokens; on SmolLM2 the pair (review, cue) must give the
+    ids of the whole prompt (the span starts at whitespace), or keep_marked would change the tokens read."""
+    from ktm.benchmarks.sentiment import KEEP
+    from ktm.model import KTMModel, split_marked
+
+    assert (Amazon.version, RottenTomatoes.version) == ("2", "2")  # caches of the unmarked examples are not reused
+    smol = KTMModel.from_base("smollm2-135m", ks=[1], lora=None)
+    for splits in (Amazon(source="offline").load("all"), RottenTomatoes().load("all")):
+        examples = splits.train + splits.val + splits.test
+        assert examples and all(e.keep == KEEP == " Label:" and e.prompt.endswith(", Label:") for e in examples)
+        whole = smol.tokenize_prompts([e.prompt for e in examples])
+        pairs, kept = smol.encode_prompts([split_marked(e.prompt, e.keep) for e in examples])
+        assert pairs == whole and set(kept) == {2}  # " Label" and ":"

@@ -142,6 +142,7 @@ class Amazon(SentimentBenchmark):
     """
 
     name = "amazon"
+    version = "2"  # 2: examples mark the label cue as their kept span (sentiment.KEEP)
     HUB_OPTIONS = ("category", "hub_repo", "hub_file", "hub_root", "hf_cache_dir", "test_fraction",
                    "val_fraction", "test_size", "val_size", "train_fraction")
     OFFLINE_OPTIONS = ("offline_group", "min_abs_score")

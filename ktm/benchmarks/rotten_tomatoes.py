@@ -48,6 +48,7 @@ class RottenTomatoes(SentimentBenchmark):
     null = no cap), balanced_train (down-sample train to equal label counts)."""
 
     name = "rotten_tomatoes"
+    version = "2"  # 2: examples mark the label cue as their kept span (sentiment.KEEP)
 
     def __init__(
         self,

@@ -19,11 +19,15 @@ log = logging.getLogger("ktm")
 
 LABELS = ("positive", "negative")
 PROMPT = "Review: {text}, Label:"
+# The cue the answer follows, marked as the span that model.keep_marked keeps in tokens (Example.keep). It starts at
+# whitespace, where byte-level BPE splits anyway; the comma stays merged, since BPE joins it to a review's last
+# punctuation (".," is one token), and a span starting there would tokenize otherwise than the whole prompt.
+KEEP = " Label:"
 SPLITS = ("train", "val", "test")
 
 
 def make_example(text: str, label: str, group: str, **meta: Any) -> Example:
-    return Example(prompt=PROMPT.format(text=text), target=label, label=label, group=group, meta=meta)
+    return Example(prompt=PROMPT.format(text=text), target=label, label=label, group=group, meta=meta, keep=KEEP)
 
 
 def first_occurrences(texts: Sequence[str]) -> list[int]:
