@@ -151,6 +151,28 @@ def task_of(doc: dict, columns: dict) -> str:
     return task if task in columns else "perplexity"
 
 
+def machine_of(doc: dict) -> str | None:
+    """The machine a run trained on, from its metrics.json `environment` (CPU, then any CUDA devices); None where
+    it was not recorded. bf16 kernels round differently across CPUs, so runs of two machines do not train alike."""
+    fit = (doc.get("environment") or {}).get("fit") or {}
+    parts = [fit["cpu"]] if fit.get("cpu") else []
+    return " + ".join(parts + [str(d) for d in fit.get("cuda_devices") or []]) or None
+
+
+def render_machines(group: dict, reference: dict | None) -> list[str]:
+    """One line where the runs of a group and its reference trained on more than one machine (none otherwise)."""
+    by_machine: dict[str, list[str]] = {}
+    for g in (group, reference or {}):
+        for run, machine in (g.get("machines") or {}).items():
+            if machine:
+                by_machine.setdefault(machine, []).append(run)
+    if len(by_machine) < 2:
+        return []
+    where = "; ".join(f"{machine}: {', '.join(runs)}" for machine, runs in by_machine.items())
+    return [f"*machines differ* ({where}): runs of two machines do not train alike (README Troubleshooting), so their "
+            "difference holds the machine's too", ""]
+
+
 def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
     """The runs of one experiment folder by group: runs, seeds, task and the stats per split and K of the
     metrics in `columns` ({task: [(title, key)]}; `ktm compare` asks for every column of `render`'s)."""
@@ -165,7 +187,7 @@ def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
         first = next(iter(docs.values()))
         data, task = first.get("data", {}), task_of(first, columns)
         groups[name] = {"runs": list(docs), "seeds": [seed for seed, _ in pairs if seed is not None], "task": task,
-                        "benchmark": data.get("benchmark"),
+                        "benchmark": data.get("benchmark"), "machines": {run: machine_of(doc) for run, doc in docs.items()},
                         "splits": aggregate(docs, [key for _, key in columns[task]])}
     for name, group in groups.items():
         group["reference"] = reference_for(name, groups)
@@ -236,6 +258,7 @@ def render_group(name: str, group: dict, reference: dict | None) -> list[str]:
     lines = [f"#### `{name}`: {len(group['runs'])} run(s): {', '.join(group['runs'])}", ""]
     if reference is not None:
         lines += [f"*reference K=1*: {REFERENCE_TITLE}, `{group['reference']}` ({', '.join(reference['runs'])})", ""]
+    lines += render_machines(group, reference)
     lines += ["| split | K | n | " + " | ".join(title for title, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for split in ("test", "val"):
         rows = group["splits"].get(split, {})

@@ -174,3 +174,26 @@ def test_a_budget_run_shows_how_far_its_layouts_left_the_fixed_k():
     assert "| test | 4 | 10 | 0.800 | - | - | - | - | 6.000 | 0.250 |" in out
     fixed = {k: {**m, "adapted_share": 0.0} for k, m in rows.items()}
     assert "tokens off the fixed K" not in render({**doc, "test": fixed, "val": fixed})
+
+
+def test_runs_of_two_machines_are_named_beside_their_figures(experiment, capsys):
+    """Last session compared Xeon runs with EPYC runs unawares: the summary says so where a group or its reference
+    spans two machines (from metrics.json environment), and nothing where one machine or none is recorded."""
+    from ktm.io import read_json
+
+    def on(run: str, cpu: str) -> None:
+        doc = read_json(experiment / run / "metrics.json", "metrics file")
+        write_json(experiment / run / "metrics.json", {**doc, "environment": {"fit": {"cpu": cpu, "cuda_devices": []}}})
+
+    main([str(experiment)])
+    assert "machines differ" not in capsys.readouterr().out  # nothing recorded: nothing said
+    for run in ("default_s0", "default_s1", "default_s2", "k1ref_s0"):
+        on(run, "Intel Xeon")
+    main([str(experiment)])
+    assert "machines differ" not in capsys.readouterr().out  # one machine (k1ref_s1 unrecorded)
+    on("k1ref_s1", "AMD EPYC")
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    assert out.count("*machines differ* (Intel Xeon: default_s0, default_s1, default_s2, k1ref_s0; AMD EPYC: k1ref_s1)") == 1
+    assert out.count("*machines differ* (Intel Xeon: k1ref_s0; AMD EPYC: k1ref_s1)") == 2  # the plain default's, the reference's
+    assert _summary(experiment)["k1ref_s*"]["machines"] == {"k1ref_s0": "Intel Xeon", "k1ref_s1": "AMD EPYC"}
