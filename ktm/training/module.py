@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,7 @@ class KTMModule(L.LightningModule):
         generate_max_new_tokens: int = 512,
         distill_weight: float = 0.0,
         distill_teacher: str = "base",
+        distill_temperature: float = 1.0,
         distill_hidden_weight: float = 0.0,
         distill_hidden_at: str = "targets",
         eval_base: bool = False,
@@ -109,7 +111,11 @@ class KTMModule(L.LightningModule):
                 the uncompressed prompt to the merged model, on every target token (0 = off).
             distill_teacher: who reads the uncompressed prompt for distillation: "base" (the frozen base, adapters
                 disabled: a reading stage's teacher) or "k1" (this model itself at K=1 with its adapters, no
-                gradient: a task teacher once K=1 knows the task, which the bare base does not).
+                gradient: a task teacher once K=1 knows the task, which the bare base does not), or an export
+                folder of a trained run on the same base (ktm.training.teacher: e.g. the task's K=1 reference,
+                frozen, its LoRA merged in, read at K=1 and kept out of this run's checkpoints).
+            distill_temperature: T of the distillation KL: both distributions softened by T, the KL scaled by
+                T^2 (1 = plain KL). A teacher sure of its answer says more about the other labels at T > 1.
             distill_hidden_weight: at K > 1 steps, add this times the hidden-state match to the teacher at every
                 scored position (the answer position first), averaged over layers: |h - h_teacher|^2 /
                 |h_teacher|^2. A label gives one bit per example; this says where in every layer the
@@ -155,7 +161,12 @@ class KTMModule(L.LightningModule):
         for name, value in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise KTMError(f"model.{name} must be a number >= 0, got {value!r}", f"set model.{name} to e.g. 1e-4")
-        check_choice("model.distill_teacher", distill_teacher, DISTILL_TEACHERS, "use base (the frozen base) or k1 (this model at K=1)")
+        if not isinstance(distill_teacher, (str, os.PathLike)) or not str(distill_teacher):
+            raise KTMError(f"model.distill_teacher must be base, k1 or an export folder, got {distill_teacher!r}",
+                           "use base (the frozen base), k1 (this model at K=1) or checkpoints/<exp>/<run>/export")
+        if isinstance(distill_temperature, bool) or not isinstance(distill_temperature, (int, float)) or not distill_temperature > 0 \
+                or not math.isfinite(distill_temperature):
+            raise KTMError(f"model.distill_temperature must be a number > 0, got {distill_temperature!r}", "set it to 1 (plain KL) or e.g. 2")
         check_choice("model.distill_hidden_at", distill_hidden_at, HIDDEN_AT,
                      "use targets (the scored positions) or all (every position of the merged prompt too)")
         if distill_hidden_at == "all" and distill_hidden_weight > 0 and compressor != "merge":
@@ -179,6 +190,14 @@ class KTMModule(L.LightningModule):
         if missing:
             raise KTMError(f"model.lr_lora gives no learning rate for K={missing} (it has K={sorted(self._lora_lrs)})",
                            "give one learning rate per K of model.ks, or a single number for all")
+        # A teacher from an export: held in a list so it is no submodule (not trained, not checkpointed, not moved
+        # by Lightning; setup() moves it with the student).
+        self._teacher: list[KTMModel] = []
+        if str(distill_teacher) not in DISTILL_TEACHERS:
+            from ktm.training.teacher import load_teacher
+
+            self._teacher = [load_teacher(distill_teacher, self.model, dtype)]
+            log.info("distilling from the trained model of %s (read uncompressed, frozen)", distill_teacher)
         if init_from:
             from ktm.training.init_from import load_trained_weights
 
@@ -208,6 +227,11 @@ class KTMModule(L.LightningModule):
         autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
         if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
             self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
+        for teacher in self._teacher:
+            teacher.to(self.trainer.strategy.root_device)
+            teacher.use_attention(self.model.attention)
+            if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
+                teacher.store_frozen_linears(autocast_dtype)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -332,10 +356,13 @@ class KTMModule(L.LightningModule):
         """{log name: (weight, loss term)} of the distillation losses that are on, against the teacher reading the
         same examples uncompressed (model.distill_teacher)."""
         hp = self.hparams
-        teacher, teacher_states = self.model.teacher_outputs(prompt_ids, target_ids, unscored, kept, hp.get("distill_teacher", "base"), hidden)
+        if self._teacher:  # a trained model of its own, read at K=1 with its (merged) adapters
+            teacher, teacher_states = self._teacher[0].teacher_outputs(prompt_ids, target_ids, unscored, kept, "k1", hidden)
+        else:
+            teacher, teacher_states = self.model.teacher_outputs(prompt_ids, target_ids, unscored, kept, hp.get("distill_teacher", "base"), hidden)
         terms = {}
         if hp.distill_weight > 0:
-            terms["distill_kl"] = (hp.distill_weight, distill_kl(pred, teacher, b.targets))
+            terms["distill_kl"] = (hp.distill_weight, distill_kl(pred, teacher, b.targets, hp.get("distill_temperature", 1.0)))
         if hidden == "targets":
             scored = b.targets != -100
             terms["distill_hidden"] = (hp.distill_hidden_weight, hidden_gap(states[:, scored], teacher_states[:, scored]))
@@ -553,12 +580,14 @@ def _comparable(key: str, value: Any) -> Any:
     return value
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over scored target positions of KL(teacher || student) between next-token distributions."""
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over scored target positions of KL(teacher || student) between next-token distributions, both
+    softened by the temperature T and scaled by T^2 (Hinton et al., 2015: a confident teacher's other tokens
+    then weigh, and the gradient keeps its size)."""
     mask = targets != -100
-    t = torch.log_softmax(teacher[mask], -1)
-    s = torch.log_softmax(student[mask], -1)
-    return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student.sum() * 0
+    t = torch.log_softmax(teacher[mask] / temperature, -1)
+    s = torch.log_softmax(student[mask] / temperature, -1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2 if mask.any() else student.sum() * 0
 
 
 def hidden_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
