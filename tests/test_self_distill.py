@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,8 +98,8 @@ def test_the_hidden_match_trains_the_encoder_and_lora_but_never_the_teacher_pass
 
 
 def test_a_bad_teacher_is_one_clear_line():
-    with pytest.raises(KTMError, match="distill_teacher 'k2' is neither base, k1 nor an export folder"):
-        _module(distill_teacher="k2")
+    with pytest.raises(KTMError, match="distill_teacher must be base, k1 or an export folder"):
+        _module(distill_teacher="")
     with pytest.raises(KTMError, match="distill_temperature must be a number > 0"):
         _module(distill_temperature=0.0)
     with pytest.raises(KTMError, match="distill_hidden_weight must be a number >= 0"):
@@ -109,20 +110,20 @@ def test_a_bad_teacher_is_one_clear_line():
         _module(distill_hidden_at="all", distill_hidden_weight=1.0, compressor="truncate_tail")
 
 
-def _tiny_fit(tmp_path, run: str, *extra: str) -> None:
+def _tiny_fit(tmp_path, run: str, *extra: str) -> int:
     args = ["fit", "--exp", "tree_k4", "--root", str(tmp_path / "runs"), "--run", run, "--model.base=config:tiny-llama",
             "--model.ks=[1,2]", "--model.lr_lora=1.0e-3", "--data.k_schedule=[1,2]", "--data.benchmark_args={n_trees: 60}",
             "--data.max_train_examples=16", "--data.max_val_examples=8", "--data.max_test_examples=8", "--data.batch_size=8",
             "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.enable_progress_bar=false",
             "--trainer.log_every_n_steps=1", *extra]
-    assert main(args) == 0
+    return main(args)
 
 
 def test_a_tiny_fit_with_self_distillation_logs_the_hidden_gap(tmp_path, monkeypatch):
     import ktm.benchmarks.common as common
 
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
-    _tiny_fit(tmp_path, "sd", "--model.distill_teacher=k1", "--model.distill_hidden_weight=1.0", "--model.distill_hidden_at=all")
+    assert _tiny_fit(tmp_path, "sd", "--model.distill_teacher=k1", "--model.distill_hidden_weight=1.0", "--model.distill_hidden_at=all") == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "runs" / "tree_k4" / "sd"
@@ -139,9 +140,9 @@ def test_a_tiny_fit_taught_by_another_run_keeps_the_teacher_out_of_its_checkpoin
     import ktm.benchmarks.common as common
 
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
-    _tiny_fit(tmp_path, "teacher", "--model.ks=[1]", "--data.k_schedule=[1]", "--trainer.max_epochs=1")
+    assert _tiny_fit(tmp_path, "teacher", "--model.ks=[1]", "--data.k_schedule=[1]", "--trainer.max_epochs=1") == 0
     export = tmp_path / "runs" / "tree_k4" / "teacher" / "export"
-    _tiny_fit(tmp_path, "student", f"--model.distill_teacher={export}", "--model.distill_weight=1.0", "--model.distill_temperature=2.0")
+    assert _tiny_fit(tmp_path, "student", f"--model.distill_teacher={export}", "--model.distill_weight=1.0", "--model.distill_temperature=2.0") == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "runs" / "tree_k4" / "student"
@@ -149,30 +150,29 @@ def test_a_tiny_fit_taught_by_another_run_keeps_the_teacher_out_of_its_checkpoin
     assert kl and all(v > 0 for v in kl)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert state and not any("teacher" in name for name in state)
+    shutil.rmtree(export)  # training needed the teacher; testing the student does not
+    assert main(["test", "--config", str(run / "config.yaml")]) == 0
+    assert _tiny_fit(tmp_path, "again", f"--model.distill_teacher={export}", "--model.distill_weight=1.0") != 0  # one clear line
+    assert not (tmp_path / "runs" / "tree_k4" / "again" / "metrics.json").exists()
 
 
 def test_a_teacher_from_an_export_is_that_trained_model_reading_the_uncompressed_prompt(tmp_path):
     from ktm.model import KTMModel
+    from ktm.training.teacher import load_teacher
 
     trained = _module()  # stands for the task's K=1 reference: adapters that change the output
     trained.model.save(tmp_path / "export")
-    m = _module(distill_teacher=str(tmp_path / "export"))
-    for p in m.model.lm.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)  # the student moves on; the teacher must not move with it
+    m = _module()
+    teacher = load_teacher(tmp_path / "export", m.model)
     ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
-    logits, states = m._teacher[0].teacher_outputs(ids, tids, teacher="k1", hidden="targets")
-    reference = KTMModel.from_pretrained(tmp_path / "export")
-    want, want_states = reference.teacher_outputs(ids, tids, teacher="k1", hidden="targets")
+    logits, states = teacher.teacher_outputs(ids, tids, teacher="k1", hidden="targets")
+    want, want_states = KTMModel.from_pretrained(tmp_path / "export").teacher_outputs(ids, tids, teacher="k1", hidden="targets")
     mask = m.model.build_batch(ids, 1, tids).targets != -100
     torch.testing.assert_close(logits[mask], want[mask], atol=1e-4, rtol=1e-4)  # LoRA merged in: equal up to rounding
     torch.testing.assert_close(states, want_states, atol=1e-4, rtol=1e-4)
     own, _ = m.model.teacher_outputs(ids, tids, teacher="k1")
     assert not torch.allclose(own[mask], logits[mask], atol=1e-3)  # not the student's own K=1
-    # no submodule: not trained, not in the run's checkpoints
-    assert not any("_teacher" in name for name in m.state_dict())
-    assert all(not p.requires_grad for p in m._teacher[0].parameters())
-    assert {id(p) for p in m._teacher[0].parameters()}.isdisjoint(id(p) for p in m.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
 
 
 def test_an_export_teacher_on_another_base_or_no_export_is_one_clear_line(tmp_path):
@@ -185,7 +185,7 @@ def test_an_export_teacher_on_another_base_or_no_export_is_one_clear_line(tmp_pa
     with pytest.raises(KTMError, match="was trained on another base"):
         load_teacher(tmp_path / "export", student)
     with pytest.raises(KTMError, match="is neither base, k1 nor an export folder"):
-        _module(distill_teacher=str(tmp_path / "nothing"))
+        load_teacher(tmp_path / "nothing", student)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])

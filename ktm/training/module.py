@@ -190,14 +190,9 @@ class KTMModule(L.LightningModule):
         if missing:
             raise KTMError(f"model.lr_lora gives no learning rate for K={missing} (it has K={sorted(self._lora_lrs)})",
                            "give one learning rate per K of model.ks, or a single number for all")
-        # A teacher from an export: held in a list so it is no submodule (not trained, not checkpointed, not moved
-        # by Lightning; setup() moves it with the student).
+        # A teacher from an export (setup loads it for fit only: a finished run tests without it): held in a list
+        # so it is no submodule, not trained, not checkpointed, not moved by Lightning.
         self._teacher: list[KTMModel] = []
-        if str(distill_teacher) not in DISTILL_TEACHERS:
-            from ktm.training.teacher import load_teacher
-
-            self._teacher = [load_teacher(distill_teacher, self.model, dtype)]
-            log.info("distilling from the trained model of %s (read uncompressed, frozen)", distill_teacher)
         if init_from:
             from ktm.training.init_from import load_trained_weights
 
@@ -227,11 +222,7 @@ class KTMModule(L.LightningModule):
         autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
         if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
             self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
-        for teacher in self._teacher:
-            teacher.to(self.trainer.strategy.root_device)
-            teacher.use_attention(self.model.attention)
-            if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-                teacher.store_frozen_linears(autocast_dtype)
+        self._load_teacher(stage, autocast_dtype)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -247,6 +238,22 @@ class KTMModule(L.LightningModule):
             extra = ["base"] if self.hparams.eval_base and self.task == "perplexity" else []
             for split in ("val", "test"):
                 self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in [*self.eval_ks, *extra]})
+
+    def _load_teacher(self, stage: str, autocast_dtype: torch.dtype | None) -> None:
+        """model.distill_teacher given as an export folder: load it for a fit that distils, beside the student."""
+        hp = self.hparams
+        teacher = str(hp.get("distill_teacher", "base"))
+        if stage != "fit" or self._teacher or teacher in DISTILL_TEACHERS or not (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0):
+            return
+        from ktm.training.teacher import load_teacher
+
+        model = load_teacher(teacher, self.model, hp.get("dtype", "float32"))
+        model.to(self.trainer.strategy.root_device)
+        model.use_attention(self.model.attention)
+        if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
+            model.store_frozen_linears(autocast_dtype)
+        self._teacher = [model]
+        log.info("distilling from the trained model of %s (read uncompressed, frozen)", teacher)
 
     def _check_lengths(self, dm, stage: str) -> None:
         """All prompts this call will see (every stage's full splits: training resamples each epoch)."""
