@@ -167,7 +167,9 @@ def test_a_teacher_from_an_export_is_that_trained_model_reading_the_uncompressed
     for name, p in m.model.lm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # the student has moved on from where the teacher stopped
+    before = torch.get_rng_state()
     teacher = load_teacher(tmp_path / "export", m.model)
+    assert torch.equal(torch.get_rng_state(), before)  # the run's seeded stream is where it was
     ids, tids = m.model.tokenize_prompts(PROMPTS), m.model.tokenize_targets(TARGETS)
     logits, states = teacher.teacher_outputs(ids, tids, teacher="k1", hidden="targets")
     want, want_states = KTMModel.from_pretrained(tmp_path / "export").teacher_outputs(ids, tids, teacher="k1", hidden="targets")
