@@ -932,6 +932,9 @@ class KTMModel(nn.Module):
         return Path(directory)
 
     @classmethod
+    # The encoders and peft's LoRA draw fresh weights before the saved ones replace them: loading must not move the
+    # caller's seeded stream (a run that loads a teacher draws what the same seed draws without one).
+    @torch.random.fork_rng(devices=[])
     def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None, dtype: str = "float32") -> "KTMModel":
         """Load an exported run folder (ktm.json + encoder.safetensors + adapter/). Refuses missing,
         truncated or mismatched files with one clear line."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ktm.errors import KTMError
 from ktm.model import KTMModel
 
@@ -24,10 +22,7 @@ def load_teacher(directory: str | Path, student: KTMModel, dtype: str = "float32
     if not (directory / "ktm.json").is_file():
         raise KTMError(f"model.distill_teacher {str(directory)!r} is neither base, k1 nor an export folder (no ktm.json there)",
                        "use base, k1, or the export of a trained run, e.g. checkpoints/amazon_k4/k1ref_s0/export")
-    # peft draws fresh LoRA weights before it loads the saved ones; the run's seeded stream must not move, so a
-    # run with a teacher draws what the same seed draws without one (its K=1 epoch is that run's, bit for bit)
-    with torch.random.fork_rng(devices=[]):
-        teacher = KTMModel.from_pretrained(directory, dtype=dtype)
+    teacher = KTMModel.from_pretrained(directory, dtype=dtype)  # leaves the run's seeded stream where it was
     if teacher.base_fingerprint != student.base_fingerprint:
         raise KTMError(f"model.distill_teacher {directory} was trained on another base ({teacher.base_name!r}, weights "
                        f"{str(teacher.base_fingerprint)[:12]}...), this run has {student.base_name!r}",
