@@ -219,10 +219,12 @@ class KTMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
         self.model.use_attention(resolve(self.hparams.get("attention", "sdpa"), self.trainer.strategy.root_device.type))
-        autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
-        if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
-            self.model.store_frozen_linears(autocast_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
-        self._load_teacher(stage, autocast_dtype)
+        stored_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
+            stored_dtype = None
+        if stored_dtype is not None:
+            self.model.store_frozen_linears(stored_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
+        self._load_teacher(stage, stored_dtype)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise KTMError("KTMModule needs a KTMDataModule", "pass --data (the experiment configs do)")
@@ -239,19 +241,20 @@ class KTMModule(L.LightningModule):
             for split in ("val", "test"):
                 self.metrics[split] = nn.ModuleDict({str(k): KMetrics(n) for k in [*self.eval_ks, *extra]})
 
-    def _load_teacher(self, stage: str, autocast_dtype: torch.dtype | None) -> None:
-        """model.distill_teacher given as an export folder: load it for a fit that distils, beside the student."""
+    def _load_teacher(self, stage: str, stored_dtype: torch.dtype | None) -> None:
+        """model.distill_teacher given as an export folder: load it for a fit that distils, beside the student
+        (its frozen linears stored in `stored_dtype` as the student's, where given)."""
         hp = self.hparams
         teacher = str(hp.get("distill_teacher", "base"))
-        if stage != "fit" or self._teacher or teacher in DISTILL_TEACHERS or not (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0):
+        if stage != "fit" or self._teacher or teacher in DISTILL_TEACHERS or not distills(hp):
             return
         from ktm.training.teacher import load_teacher
 
         model = load_teacher(teacher, self.model, hp.get("dtype", "float32"))
         model.to(self.trainer.strategy.root_device)
         model.use_attention(self.model.attention)
-        if autocast_dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-            model.store_frozen_linears(autocast_dtype)
+        if stored_dtype is not None:
+            model.store_frozen_linears(stored_dtype)
         self._teacher = [model]
         log.info("distilling from the trained model of %s (read uncompressed, frozen)", teacher)
 
@@ -323,7 +326,7 @@ class KTMModule(L.LightningModule):
         policy = self.train_policy(step, k)
         b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept, policy)
         hp = self.hparams
-        distill = k > 1 and (hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0)
+        distill = k > 1 and distills(hp)
         hidden = hp.get("distill_hidden_at", "targets") if distill and hp.get("distill_hidden_weight", 0) > 0 else None
         pred, states = self.model.target_outputs(b, hidden)
         nll, counts, _ = self.model.target_nll(b, pred)
@@ -585,6 +588,11 @@ def _comparable(key: str, value: Any) -> Any:
         d = value if isinstance(value, dict) else (value.as_dict() if hasattr(value, "as_dict") else vars(value))
         return {k: d.get(k) for k in ("r", "target_modules")}  # alpha/dropout do not change the weights' shapes
     return value
+
+
+def distills(hp) -> bool:
+    """Whether a fit adds distillation terms to its K > 1 steps (the KL, the hidden-state match or both)."""
+    return hp.distill_weight > 0 or hp.get("distill_hidden_weight", 0) > 0
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
