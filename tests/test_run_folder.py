@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import ktm.training.run_folder as rf
 from ktm.cli import main
@@ -385,6 +386,17 @@ def test_test_without_ckpt_path_evaluates_last_ckpt_and_says_so(trained, tmp_pat
     assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert json.loads((run / "metrics.json").read_text())["test"] == implicit  # the trained model's numbers
     assert (run / "config.yaml").read_bytes() == config  # test keeps the fit's config
+
+
+def test_a_moved_run_resumes_into_its_own_last_ckpt_not_a_versioned_copy(trained, tmp_path):
+    # The copy's checkpoint names the old folder: Lightning would write last-v1.ckpt beside the stale last.ckpt,
+    # and `ktm test` (which reads last.ckpt) would evaluate the model from before the resume.
+    run = copy_run(trained, tmp_path)
+    steps = json.loads((run / "metrics.json").read_text())["global_step"]
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                 "--trainer.max_epochs=2"]) == 0
+    assert [p.name for p in (run / "checkpoints").glob("*-v*")] == []
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * steps
 
 
 def test_overwrite_through_the_cli_trains_anew_beside_the_moved_run(trained, tmp_path, capsys):

@@ -195,8 +195,11 @@ class KTMCLI(LightningCLI):
         # Checkpoints are configurable (experiments/defaults.yaml `checkpoint:`): by default last.ckpt plus
         # the newest epoch file at each epoch's end; checkpoint.every_n_train_steps=N saves every N
         # optimizer steps instead, so a killed run loses fewer than N steps.
+        # No "-v1" copies: a run folder holds one run, so a name that exists is this run's own, e.g. last.ckpt of a
+        # moved run (its checkpoint names the old folder, and Lightning would version the new last.ckpt beside
+        # the stale one that `ktm test` reads).
         parser.add_lightning_class_args(KTMModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.enable_version_counter": False})
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
