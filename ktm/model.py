@@ -931,9 +931,9 @@ class KTMModel(nn.Module):
             write_json(tmp / "ktm.json", {**self.metadata(), **(extra or {})})
         return Path(directory)
 
-    @classmethod
     # The encoders and peft's LoRA draw fresh weights before the saved ones replace them: loading must not move the
     # caller's seeded stream (a run that loads a teacher draws what the same seed draws without one).
+    @classmethod
     @torch.random.fork_rng(devices=[])
     def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None, dtype: str = "float32") -> "KTMModel":
         """Load an exported run folder (ktm.json + encoder.safetensors + adapter/). Refuses missing,

@@ -396,7 +396,7 @@ def test_a_moved_run_resumes_into_its_own_last_ckpt_not_a_versioned_copy(trained
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
                  "--trainer.max_epochs=2"]) == 0
     assert [p.name for p in (run / "checkpoints").glob("*-v*")] == []
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * steps
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * steps
 
 
 def test_overwrite_through_the_cli_trains_anew_beside_the_moved_run(trained, tmp_path, capsys):

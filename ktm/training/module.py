@@ -219,9 +219,8 @@ class KTMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.trained_step = None  # Lightning restores the call's checkpoint after setup (on_load_checkpoint)
         self.model.use_attention(resolve(self.hparams.get("attention", "sdpa"), self.trainer.strategy.root_device.type))
-        stored_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP flattens one dtype
-            stored_dtype = None
+        # FSDP flattens one dtype, so it keeps autocast's per-use casts
+        stored_dtype = None if isinstance(self.trainer.strategy, FSDPStrategy) else AUTOCAST_DTYPES.get(str(self.trainer.precision))
         if stored_dtype is not None:
             self.model.store_frozen_linears(stored_dtype)  # bit-identical to autocast's per-use casts; faster on long prompts
         self._load_teacher(stage, stored_dtype)
