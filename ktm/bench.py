@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import gc
 import logging
@@ -57,6 +56,7 @@ from torch import nn
 from ktm.attention import CHOICES, resolve
 from ktm.encoder import SHAPES
 from ktm.errors import KTMError, OneLineParser
+from ktm.memory import release_freed_heap, rss_bytes, status_kib
 
 log = logging.getLogger("ktm")
 
@@ -246,16 +246,6 @@ def run_rounds(steps: dict, repeats: int, warmup: int) -> dict[object, list]:
     return results
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak memory of a region above what was held before it.
 
@@ -273,7 +263,7 @@ class PeakMemory:
     def _cpu_method() -> str:
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            if _status_kib("VmHWM") is not None:
+            if status_kib("VmHWM") is not None:
                 return "peak RSS (VmHWM after clear_refs) minus RSS before"
         except OSError:
             pass
@@ -281,9 +271,9 @@ class PeakMemory:
 
     @staticmethod
     def _rss() -> int:
-        kib = _status_kib("VmRSS")
-        if kib is not None:
-            return kib * 1024
+        rss = rss_bytes()
+        if rss is not None:
+            return rss
         import psutil
 
         return psutil.Process().memory_info().rss
@@ -295,8 +285,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
             return
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).malloc_trim(0)
+        release_freed_heap()
         self.before = self._rss()
         if self.method.startswith("peak RSS"):
             Path("/proc/self/clear_refs").write_text("5")
@@ -305,7 +294,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.before
-        after = _status_kib("VmHWM") * 1024 if self.method.startswith("peak RSS") else self._rss()
+        after = status_kib("VmHWM") * 1024 if self.method.startswith("peak RSS") else self._rss()
         return max(0, after - self.before)
 
 

@@ -26,6 +26,7 @@ from ktm.curves import k_scalars
 from ktm.environment import environment
 from ktm.errors import KTMError
 from ktm.io import read_json, write_json, write_text
+from ktm.memory import machine_bytes, release_freed_heap, rss_bytes
 from ktm.report import write_report
 
 log = logging.getLogger("ktm")
@@ -686,3 +687,41 @@ class EpochLog(L.Callback):
             parts.append(f"val k{k}: " + ", ".join(shown))
         parts.append(f"{time.monotonic() - self._start:.0f} s")
         log.info(" | ".join(parts))
+
+
+class ReleaseFreedMemory(L.Callback):
+    """After a batch, when the process's RSS has grown by more than `growth` of the machine's memory since the
+    last release (or the first batch), hand the heap that glibc holds but nothing uses back to the OS
+    (ktm.memory: measured, it ratchets up with batches of very different lengths until the OOM killer ends
+    the run). Reading the RSS costs microseconds, so a run whose memory stays flat never pays for a release,
+    which costs up to ~15% of a step when made every step. A no-op without /proc or glibc."""
+
+    def __init__(self, growth: float = 0.25):
+        self.growth = growth
+        self._mark: int | None = None  # the RSS after the last release (or at the first batch)
+        self._released = 0
+
+    def _check(self) -> None:
+        rss = rss_bytes()
+        if rss is None:
+            return
+        if self._mark is None:
+            self._mark = rss
+            return
+        machine = machine_bytes()
+        if machine is None or rss - self._mark <= self.growth * machine or not release_freed_heap():
+            return
+        self._mark = rss_bytes() or rss
+        self._released += 1
+        (log.info if self._released == 1 else log.debug)(
+            "memory: the RSS grew to %.1f GB; returned the heap malloc held unused to the OS, now %.1f GB "
+            "(release %d; each later one is logged at debug level)", rss / 2**30, self._mark / 2**30, self._released)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._check()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check()

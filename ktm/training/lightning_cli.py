@@ -23,7 +23,8 @@ from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
 from ktm.model import LoraSettings, check_settings
 from ktm.training.checkpointing import KTMModelCheckpoint, check_monitor
-from ktm.training.callbacks import EpochLog, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput, ValidateAtMaxSteps, run_dir
+from ktm.training.callbacks import (EpochLog, ReleaseFreedMemory, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput,
+                                   ValidateAtMaxSteps, run_dir)
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
 from ktm.training.run_folder import SPECIAL_CKPT, RunFolder, check_name, eval_checkpoint, reusable, run_path
@@ -51,7 +52,7 @@ def run(argv: list[str]) -> None:
             parser_kwargs={"parser_mode": "omegaconf", "prog": "ktm"},
             trainer_defaults={
                 "callbacks": [BeginRun(claimed), Throughput(), RunOutputs(), interrupt, ResumableRNG(), ValidateAtMaxSteps(),
-                              EpochLog()],
+                              EpochLog(), ReleaseFreedMemory()],
                 "num_sanity_val_steps": 0,
                 "reload_dataloaders_every_n_epochs": 1,
             },

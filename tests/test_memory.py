@@ -1,0 +1,68 @@
+"""Handing freed heap back to the OS (ktm.memory) and the trainer callback that decides when (ReleaseFreedMemory)."""
+
+import ctypes
+import platform
+import sys
+
+import pytest
+
+from ktm import memory
+from ktm.training import callbacks
+from ktm.training.callbacks import ReleaseFreedMemory
+
+GIB = 2**30
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc on Linux")
+def test_release_returns_heap_that_malloc_kept():
+    # 4096 blocks of 64 KiB (below glibc's mmap threshold, so they live in the heap); freeing all but the last
+    # leaves 256 MiB that free() cannot hand back (the last block pins the top of the heap): malloc_trim can
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(4096)]
+    try:
+        for block in blocks:
+            ctypes.memset(block, 1, 64 * 1024)  # touched, so resident
+        for block in blocks[:-1]:
+            libc.free(block)
+        before = memory.rss_bytes()
+        assert memory.release_freed_heap() is True
+        assert before - memory.rss_bytes() > 128 * 2**20
+    finally:
+        libc.free(blocks[-1])
+
+
+@pytest.mark.parametrize("rss_gb, released_at", [
+    ([2, 3, 7, 7.9], []),                  # grows 5.9 GB < a quarter of 24 GB: never
+    ([2, 3, 8.5, 3, 8, 9.5], [2, 5]),      # 6.5 GB above the first batch; then 6.5 above the 3 GB left after it
+    ([10, 2, 7.9], []),                    # falling is no growth; the mark is the first batch's RSS
+])
+def test_release_only_when_rss_grew_by_a_quarter_of_the_machine(monkeypatch, rss_gb, released_at):
+    reads = iter(rss_gb)
+    current = {"rss": None, "released": []}
+
+    def rss():
+        return current["rss"]
+
+    def release():
+        current["released"].append(batch)
+        current["rss"] = 3 * GIB  # what the release leaves
+        return True
+
+    monkeypatch.setattr(callbacks, "rss_bytes", rss)
+    monkeypatch.setattr(callbacks, "machine_bytes", lambda: 24 * GIB)
+    monkeypatch.setattr(callbacks, "release_freed_heap", release)
+    guard = ReleaseFreedMemory()
+    for batch in range(len(rss_gb)):
+        current["rss"] = int(next(reads) * GIB)
+        guard.on_train_batch_end(None, None, None, None, batch)
+    assert current["released"] == released_at
+
+
+def test_release_is_a_no_op_without_proc(monkeypatch):
+    monkeypatch.setattr(callbacks, "rss_bytes", lambda: None)
+    monkeypatch.setattr(callbacks, "release_freed_heap", lambda: pytest.fail("released without an RSS to judge by"))
+    guard = ReleaseFreedMemory()
+    for batch in range(3):
+        guard.on_validation_batch_end(None, None, None, None, batch)
