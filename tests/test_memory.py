@@ -33,29 +33,26 @@ def test_release_returns_heap_that_malloc_kept():
         libc.free(blocks[-1])
 
 
-@pytest.mark.parametrize("rss_gb, released_at", [
-    ([2, 3, 7, 7.9], []),                  # grows 5.9 GB < a quarter of 24 GB: never
-    ([2, 3, 8.5, 3, 8, 9.5], [2, 5]),      # 6.5 GB above the first batch; then 6.5 above the 3 GB left after it
-    ([10, 2, 7.9], []),                    # falling is no growth; the mark is the first batch's RSS
+@pytest.mark.parametrize("rss_gb, left_gb, released_at", [
+    ([2, 3, 5.9, 5.5], 2, []),                  # never above a quarter of 24 GB
+    ([2, 7, 3, 5.5, 12], 2, [1, 4]),            # above 6 GB; then not until above it again (10 GB over the 2 left)
+    ([2, 7, 8, 8.5, 9.5], 7, [1, 4]),           # live memory of 7 GB: the next release waits for 2.4 GB more
 ])
-def test_release_only_when_rss_grew_by_a_quarter_of_the_machine(monkeypatch, rss_gb, released_at):
-    reads = iter(rss_gb)
+def test_release_when_rss_is_above_a_quarter_of_the_machine_and_grew_since_the_last(monkeypatch, rss_gb, left_gb,
+                                                                                    released_at):
     current = {"rss": None, "released": []}
-
-    def rss():
-        return current["rss"]
 
     def release():
         current["released"].append(batch)
-        current["rss"] = 3 * GIB  # what the release leaves
+        current["rss"] = int(left_gb * GIB)  # what the release leaves
         return True
 
-    monkeypatch.setattr(callbacks, "rss_bytes", rss)
+    monkeypatch.setattr(callbacks, "rss_bytes", lambda: current["rss"])
     monkeypatch.setattr(callbacks, "machine_bytes", lambda: 24 * GIB)
     monkeypatch.setattr(callbacks, "release_freed_heap", release)
     guard = ReleaseFreedMemory()
-    for batch in range(len(rss_gb)):
-        current["rss"] = int(next(reads) * GIB)
+    for batch, rss in enumerate(rss_gb):
+        current["rss"] = int(rss * GIB)
         guard.on_train_batch_end(None, None, None, None, batch)
     assert current["released"] == released_at
 
