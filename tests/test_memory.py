@@ -3,6 +3,7 @@
 import ctypes
 import platform
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,13 +34,14 @@ def test_release_returns_heap_that_malloc_kept():
         libc.free(blocks[-1])
 
 
-@pytest.mark.parametrize("rss_gb, left_gb, released_at", [
-    ([2, 3, 5.9, 5.5], 2, []),                  # never above a quarter of 24 GB
-    ([2, 7, 3, 5.5, 12], 2, [1, 4]),            # above 6 GB; then not until above it again (10 GB over the 2 left)
-    ([2, 7, 8, 8.5, 9.5], 7, [1, 4]),           # live memory of 7 GB: the next release waits for 2.4 GB more
+@pytest.mark.parametrize("rss_gb, left_gb, devices, released_at", [
+    ([2, 3, 5.9, 5.5], 2, 1, []),               # never above a quarter of 24 GB
+    ([2, 7, 3, 5.5, 12], 2, 1, [1, 4]),         # above 6 GB; then not until above it again (10 GB over the 2 left)
+    ([2, 7, 8, 8.5, 9.5], 7, 1, [1, 4]),        # live memory of 7 GB: the next release waits for 2.4 GB more
+    ([1, 3.5, 1.4], 1, 4, [1]),                 # four processes on the node: judged by a quarter of each one's 6 GB
 ])
 def test_release_when_rss_is_above_a_quarter_of_the_machine_and_grew_since_the_last(monkeypatch, rss_gb, left_gb,
-                                                                                    released_at):
+                                                                                    devices, released_at):
     current = {"rss": None, "released": []}
 
     def release():
@@ -50,10 +52,10 @@ def test_release_when_rss_is_above_a_quarter_of_the_machine_and_grew_since_the_l
     monkeypatch.setattr(callbacks, "rss_bytes", lambda: current["rss"])
     monkeypatch.setattr(callbacks, "machine_bytes", lambda: 24 * GIB)
     monkeypatch.setattr(callbacks, "release_freed_heap", release)
-    guard = ReleaseFreedMemory()
+    guard, trainer = ReleaseFreedMemory(), SimpleNamespace(num_devices=devices)
     for batch, rss in enumerate(rss_gb):
         current["rss"] = int(rss * GIB)
-        guard.on_train_batch_end(None, None, None, None, batch)
+        guard.on_train_batch_end(trainer, None, None, None, batch)
     assert current["released"] == released_at
 
 
@@ -62,4 +64,4 @@ def test_release_is_a_no_op_without_proc(monkeypatch):
     monkeypatch.setattr(callbacks, "release_freed_heap", lambda: pytest.fail("released without an RSS to judge by"))
     guard = ReleaseFreedMemory()
     for batch in range(3):
-        guard.on_validation_batch_end(None, None, None, None, batch)
+        guard.on_validation_batch_end(SimpleNamespace(num_devices=1), None, None, None, batch)

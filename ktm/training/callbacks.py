@@ -696,16 +696,20 @@ class ReleaseFreedMemory(L.Callback):
     Reading the RSS costs microseconds, so a run whose memory stays low never pays for a release (up to ~15% of
     a step when made every step); `growth` keeps a run whose live memory is large from releasing every step.
     Measured on read_commitpack_k2 (24 GiB): RSS 2.3 GB after a release and 16-18 GB four steps later, so
-    the level sits low. A no-op without /proc or glibc."""
+    the level sits low. With several processes on a node (DDP), each judges by its share of the machine. A no-op
+    without /proc or glibc."""
 
     def __init__(self, above: float = 0.25, growth: float = 0.1):
         self.above, self.growth = above, growth
         self._mark = 0  # the RSS after the last release
         self._released = 0
 
-    def _check(self) -> None:
+    def _check(self, trainer) -> None:
         rss, machine = rss_bytes(), machine_bytes()
-        if rss is None or machine is None or rss <= self.above * machine or rss - self._mark <= self.growth * machine:
+        if rss is None or machine is None:
+            return
+        share = machine / max(1, getattr(trainer, "num_devices", 1))  # this process's part of the node
+        if rss <= self.above * share or rss - self._mark <= self.growth * share:
             return
         if not release_freed_heap():
             return
@@ -716,10 +720,10 @@ class ReleaseFreedMemory(L.Callback):
             "(release %d; each later one is logged at debug level)", rss / 2**30, self._mark / 2**30, self._released)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._check()
+        self._check(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check()
+        self._check(trainer)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check()
+        self._check(trainer)
