@@ -693,11 +693,11 @@ class ReleaseFreedMemory(L.Callback):
     """After a batch, when the process's RSS is above `above` of the machine's memory and has grown by more than
     `growth` of it since the last release, hand the heap that glibc holds but nothing uses back to the OS
     (ktm.memory: it ratchets up with batches of very different lengths until the OOM killer ends the run).
-    Reading the RSS costs microseconds, so a run whose memory stays low never pays for a release (up to ~15% of
-    a step when made every step); `growth` keeps a run whose live memory is large from releasing every step.
-    Measured on read_commitpack_k2 (24 GiB): RSS 2.3 GB after a release and 16-18 GB four steps later, so
-    the level sits low. With several processes on a node (DDP), each judges by its share of the machine. A no-op
-    without /proc or glibc."""
+    Reading the RSS costs microseconds, so a run whose memory stays low never pays for a release; a release costs
+    the pages the next step faults back in (measured on read_commitpack_k2, 24 GiB, where it follows most steps:
+    +13% a step, largest RSS 12 GB; released only after 6 GB of growth, 18 GB). `growth` keeps a run whose live
+    memory is large from releasing after every step. With several processes on a node (DDP), each judges by its
+    share of the machine. A no-op without /proc or glibc."""
 
     def __init__(self, above: float = 0.25, growth: float = 0.1):
         self.above, self.growth = above, growth
