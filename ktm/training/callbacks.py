@@ -701,14 +701,15 @@ class ReleaseFreedMemory(L.Callback):
 
     def __init__(self, above: float = 0.25, growth: float = 0.1):
         self.above, self.growth = above, growth
+        self._machine = machine_bytes()  # constant: read once, not after every batch
         self._mark = 0  # the RSS after the last release
         self._released = 0
 
     def _check(self, trainer) -> None:
-        rss, machine = rss_bytes(), machine_bytes()
-        if rss is None or machine is None:
+        rss = rss_bytes()
+        if rss is None or self._machine is None:
             return
-        share = machine / max(1, getattr(trainer, "num_devices", 1))  # this process's part of the node
+        share = self._machine / max(1, getattr(trainer, "num_devices", 1))  # this process's part of the node
         if rss <= self.above * share or rss - self._mark <= self.growth * share:
             return
         if not release_freed_heap():
