@@ -113,10 +113,12 @@ def test_layers_import_downwards_only():
                                        if p.stem != "defaults"))
 def test_every_experiment_config_parses(exp, capsys):
     """Each shipped YAML (with the shared defaults) holds only known keys of the right types: `--print_config`
-    parses it all without building anything, and prints the K settings it holds; its trainer and data settings
+    parses it all without building anything, and prints the K settings it holds; its trainer, data and checkpoint settings
     pass the checks a fit makes before building (untested GPU recipes included)."""
     import yaml
 
+    from ktm.benchmarks import REGISTRY
+    from ktm.training.checkpointing import check_monitor
     from ktm.training.data import check_data_args
     from ktm.training.lightning_cli import check_validation_cadence
 
@@ -126,6 +128,8 @@ def test_every_experiment_config_parses(exp, capsys):
     cfg = yaml.safe_load(out)
     check_validation_cadence(cfg["trainer"])
     check_data_args(**cfg["data"])
+    m, c = cfg["model"], cfg["checkpoint"]  # a monitor inherited through `extends` must name a K the experiment has
+    check_monitor(c["monitor"], c["mode"], m["ks"], m.get("eval_ks"), getattr(REGISTRY.get(cfg["data"]["benchmark"]), "task", None))
 
 
 # -- experiments that extend another ------------------------------------------------------------------

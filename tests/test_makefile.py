@@ -77,7 +77,7 @@ def test_the_one_checkpoint_experiment_reads_the_trees_text_with_every_k_encoder
     assert "--run default --reuse  --model.init_from" in _ktm(_dry("train", "EXP=tree_k1248", "TASK_READ_ARGS=", "TASK_READ_TAG="))[1]
 
 
-@pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k2",)])
+@pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k4",)])
 def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
     lines = _ktm(_dry("train", *args))
     assert len(lines) == 2 and "init_from" not in lines[0] and "read_k" not in " ".join(lines)
@@ -93,13 +93,13 @@ def test_train_with_seeds_runs_each_into_its_folder():
 
 @pytest.mark.parametrize("seeds, run", [("", "k1ref"), ("SEEDS=5", "k1ref_s$s")])
 def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
-    lines = _ktm(_dry("reference", "EXP=commitpack_k2", *([seeds] if seeds else [])))
-    fit = f".venv/bin/ktm fit --exp commitpack_k2 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
-    assert fit in lines[0] and f"--config checkpoints/commitpack_k2/{run}/config.yaml" in lines[0]
+    lines = _ktm(_dry("reference", "EXP=commitpack_k4", *([seeds] if seeds else [])))
+    fit = f".venv/bin/ktm fit --exp commitpack_k4 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
+    assert fit in lines[0] and f"--config checkpoints/commitpack_k4/{run}/config.yaml" in lines[0]
     assert ("--seed_everything=$s --data.seed=$s" in lines[0]) == bool(seeds)
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
-    assert lines[-1] == ".venv/bin/ktm report checkpoints/commitpack_k2"
-    assert "init_from" not in " ".join(lines)  # commitpack_k2 has no default reading checkpoint
+    assert lines[-1] == ".venv/bin/ktm report checkpoints/commitpack_k4"
+    assert "init_from" not in " ".join(lines)  # commitpack_k4 has no default reading checkpoint
 
 
 def test_reference_starts_from_the_reading_checkpoint_of_make_train():
@@ -113,11 +113,28 @@ def test_reference_starts_from_the_reading_checkpoint_of_make_train():
 
 
 def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
-    lines = _ktm(_dry("train", "EXP=commitpack_k2", "READ=read_k4"))
+    lines = _ktm(_dry("train", "EXP=commitpack_k4", "READ=read_k4"))
     made, fit = lines[0], lines[1]
     # made only when no finished run of its config is there (--reuse): a finished reading run is reused by every task run
     # fit only: make train's first run pays the reading fit, not its held-out test as well
     assert made == ".venv/bin/ktm fit --exp read_k4 --run default --reuse"
-    assert fit == ".venv/bin/ktm fit --exp commitpack_k2 --run default --model.init_from=checkpoints/read_k4/default/export "
+    assert fit == ".venv/bin/ktm fit --exp commitpack_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "TASK_READ=", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
+
+
+def test_commitpack_k2_reads_code_before_the_task():
+    """commitpack_k2 starts from read_k1248, then reads the seed's training commits at K=2 (README Results)."""
+    lines = _ktm(_dry("train", "EXP=commitpack_k2"))
+    assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default --reuse"
+    assert lines[1] == (".venv/bin/ktm fit --exp read_commitpack_k2 --run default --reuse  "
+                        "--model.init_from=checkpoints/read_k1248/default/export && true")
+    assert lines[2].startswith(".venv/bin/ktm fit --exp commitpack_k2 --run default "
+                               "--model.init_from=checkpoints/read_commitpack_k2/default/export")
+
+
+def test_the_reference_of_an_experiment_with_a_monitor_selects_by_k1():
+    """commitpack_k2 keeps its lowest val K=2 epoch; its K=1 reference has no K=2, so it keeps its lowest val K=1."""
+    (fit,) = [line for line in _ktm(_dry("reference", "EXP=commitpack_k2")) if "--run k1ref" in line]
+    assert "--model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001 --checkpoint.monitor=val/k1/perplexity " in fit
+    assert "--checkpoint.monitor" not in " ".join(_ktm(_dry("reference", "EXP=amazon_k4")))
