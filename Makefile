@@ -53,10 +53,7 @@ READ_DIR   := checkpoints/$(READ)/default
 INIT_ARGS  := $(if $(strip $(READ)), --model.init_from=$(READ_DIR)/export)
 # The fair uncompressed reference: the same experiment and budget, trained at K=1 only. One encoder lr
 # (unused at K=1) because a per-K dict in the experiment would name encoders that no longer exist.
-# An experiment that selects its model by a merged K's val number selects the reference's by K=1's (a K=2 monitor
-# would name a K the reference does not have).
-REFERENCE_MONITOR_commitpack_k2 := --checkpoint.monitor=val/k1/perplexity
-REFERENCE_ARGS := --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001$(if $(REFERENCE_MONITOR_$(EXP)), $(REFERENCE_MONITOR_$(EXP)))
+REFERENCE_ARGS := --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001
 
 # $(call fit_test_exp,EXP,RUN,EXTRA): fit + test checkpoints/EXP/RUN with EXTRA; one shell line (it sits in loops).
 # ktm test without --ckpt_path evaluates the run's model: best.ckpt where checkpoint.monitor selected one, else last.ckpt.

@@ -132,9 +132,3 @@ def test_commitpack_k2_reads_code_before_the_task():
     assert lines[2].startswith(".venv/bin/ktm fit --exp commitpack_k2 --run default "
                                "--model.init_from=checkpoints/read_commitpack_k2/default/export")
 
-
-def test_the_reference_of_an_experiment_with_a_monitor_selects_by_k1():
-    """commitpack_k2 keeps its lowest val K=2 epoch; its K=1 reference has no K=2, so it keeps its lowest val K=1."""
-    (fit,) = [line for line in _ktm(_dry("reference", "EXP=commitpack_k2")) if "--run k1ref" in line]
-    assert "--model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001 --checkpoint.monitor=val/k1/perplexity " in fit
-    assert "--checkpoint.monitor" not in " ".join(_ktm(_dry("reference", "EXP=amazon_k4")))
