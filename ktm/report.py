@@ -39,10 +39,14 @@ def render(metrics: dict, title: str = "") -> str:
         lines += [f"model: the best validation, step {chosen['step']} of {chosen['final_step']} "
                   f"({chosen['monitor']} {_fmt(chosen['value'], 4)}, {chosen['checkpoint']})", ""]
     classification = data.get("task") == "classification"
+    model = chosen["checkpoint"] if chosen else "last.ckpt"
     for split in ("test", "val"):
         rows = metrics.get(split)
         if not rows:
             continue
+        evaluated = metrics.get("evaluated", {}).get(split)
+        if evaluated and evaluated != model:  # `ktm test --ckpt_path` on another checkpoint: say so above its numbers
+            lines += [f"{split}: of {evaluated}, not the run's model ({model})", ""]
         columns = CLASSIFICATION_COLUMNS if classification else PERPLEXITY_COLUMNS
         if any("perplexity_base" in m for m in rows.values()):  # model.eval_base: the bare base beside each K
             columns = PERPLEXITY_COLUMNS + BASE_COLUMNS

@@ -197,3 +197,18 @@ def test_runs_of_two_machines_are_named_beside_their_figures(experiment, capsys)
     assert out.count("*machines differ* (Intel Xeon: default_s0, default_s1, default_s2, k1ref_s0; AMD EPYC: k1ref_s1)") == 1
     assert out.count("*machines differ* (Intel Xeon: k1ref_s0; AMD EPYC: k1ref_s1)") == 2  # the plain default's, the reference's
     assert _summary(experiment)["k1ref_s*"]["machines"] == {"k1ref_s0": "Intel Xeon", "k1ref_s1": "AMD EPYC"}
+
+
+@pytest.mark.parametrize("evaluated, selected, line", [
+    ({"test": "last.ckpt"}, None, None),                       # the run's model: no line
+    ({"test": "epoch=1-step=50.ckpt"}, None, "test: of epoch=1-step=50.ckpt, not the run's model (last.ckpt)"),
+    ({"test": "best.ckpt"}, "best.ckpt", None),
+    ({"test": "last.ckpt"}, "best.ckpt", "test: of last.ckpt, not the run's model (best.ckpt)"),
+    ({}, "best.ckpt", None),                                   # recorded before ktm wrote `evaluated`
+])
+def test_numbers_of_another_checkpoint_than_the_runs_model_say_so(evaluated, selected, line):
+    doc = {**_classification(0.9, 0.9, 0.8, 0.8), "evaluated": evaluated}
+    if selected:
+        doc["selected"] = {"step": 50, "final_step": 100, "monitor": "val/k4/balanced_accuracy", "value": 0.8, "checkpoint": selected}
+    out = render(doc)
+    assert (line in out) if line else ("not the run's model" not in out)

@@ -106,6 +106,13 @@ def test_the_best_validation_becomes_the_export_and_what_ktm_test_evaluates(tmp_
     assert f"evaluates the run's {best}" in caplog.text
     assert "k2" in json.loads((run / "metrics.json").read_text())["test"]
     assert f"model: the best validation, step {selected['step']} of 16 ({monitor} " in (run / "results.md").read_text()
+    assert json.loads((run / "metrics.json").read_text())["evaluated"] == {"test": "best.ckpt"}
+    assert "not the run's model" not in (run / "results.md").read_text()
+
+    # another checkpoint's test numbers say whose they are, under the run's selected model
+    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["evaluated"] == {"test": "last.ckpt"}
+    assert "test: of last.ckpt, not the run's model (best.ckpt)" in (run / "results.md").read_text()
 
 
 def test_only_validations_on_the_last_data_stage_are_candidates(tmp_path):
