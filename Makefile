@@ -24,8 +24,9 @@ READ_DEFAULT_tree_k4 := read_k1248
 READ_DEFAULT_amazon_k4 := read_k1248
 # rt_k4: the same two stages, its own reading stage read_rt_k4 (one seed measured: README Results).
 READ_DEFAULT_rt_k4 := read_k1248
-# commitpack_k2: read_k1248, then read_commitpack_k2 on the seed's training commits: best val K=2 1.53x its K=1 after
-# 100 code reading steps (1.81x from read_k1248 alone; the former recipe from scratch ended at 2.13x; README Results).
+# commitpack_k2: read_k1248, then read_commitpack_k2 on the seed's training commits: val K=2 1.50x its K=1 at the end
+# of make train's seed 0 (1.81x from read_k1248 alone, 4 epochs; the former 8-epoch recipe from scratch ended at 2.13x;
+# README Results).
 READ_DEFAULT_commitpack_k2 := read_k1248
 # tree_k1248 (one checkpoint for K = 1, 2, 4, 8): tree_k4's two stages, the tree's own text read with a K=8 encoder too.
 READ_DEFAULT_tree_k1248 := read_k1248

@@ -429,3 +429,30 @@ def test_phase_jitter_keeps_more_last_tokens_at_merged_training_steps_only(tmp_p
     assert all(kept == [0] * 8 for k, kept in train if k == 1)
     assert [kept for k, kept in train if k == 4] == [phase_shifts(step, 8, 4) for step in range(4, 8)]
     assert all(not any(kept) for grad, _, kept in calls if not grad)  # evaluation: the plain layout
+
+
+def test_a_resumed_runs_time_left_counts_only_the_steps_this_session_trained(monkeypatch, caplog):
+    """Lightning restores global_step after on_fit_start: the pace starts at on_train_start (resumed at step 58 of 116,
+    10 steps in 100 s leave 48 steps, 8 min; counting the 58 steps of the earlier session said 1 min)."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from ktm.training import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)
+    trainer = SimpleNamespace(global_step=58, max_steps=116, callbacks=[], is_global_zero=True)
+    progress = callbacks.EpochLog()
+    progress.on_train_start(trainer, None)
+    clock[0], trainer.global_step = 100.0, 68
+    logger = logging.getLogger("ktm")  # the CLI's logger does not propagate: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ktm"):
+            progress.on_train_batch_end(trainer, SimpleNamespace(current_k=lambda: 1), {"loss": torch.tensor(0.5)}, None, 0)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "progress: step 68/116 | K=1 | loss 0.500 | 100 s | about 8 min left at this pace" in caplog.text

@@ -650,16 +650,19 @@ class EpochLog(L.Callback):
     steps, K, the step's loss, and the time left at this session's pace), so a slow run never looks hung."""
 
     def __init__(self):
-        self._start = self._last = time.monotonic()
+        self._start = self._last = self._pace_start = time.monotonic()
         self._first_step = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = self._last = time.monotonic()
-        self._first_step = trainer.global_step  # a resumed run: its pace counts from here
         if trainer.is_global_zero:  # trainer.precision: null picks it per machine; say what it picked
             log.info("training in %s precision on %s, %s attention, frozen base linears in %s", trainer.precision,
                      trainer.accelerator.__class__.__name__, pl_module.model.attention,  # model.attention
                      str(pl_module.model.frozen_linear_dtype).removeprefix("torch."))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run's pace counts from the step it resumed at: Lightning restores global_step after on_fit_start.
+        self._pace_start, self._first_step = time.monotonic(), trainer.global_step
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -674,7 +677,7 @@ class EpochLog(L.Callback):
                  f"loss {float(loss):.3f}" if loss is not None else "loss -", f"{elapsed:.0f} s"]
         done = step - self._first_step
         if done > 0 and math.isfinite(planned) and planned > step:
-            parts.append(f"about {(planned - step) * elapsed / done / 60:.0f} min left at this pace")
+            parts.append(f"about {(planned - step) * (now - self._pace_start) / done / 60:.0f} min left at this pace")
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
         if timer is not None and timer.time_remaining("train") is not None:
             parts.append(f"max_time stops it in {timer.time_remaining('train') / 60:.0f} min")
