@@ -131,4 +131,3 @@ def test_commitpack_k2_reads_code_before_the_task():
                         "--model.init_from=checkpoints/read_k1248/default/export && true")
     assert lines[2].startswith(".venv/bin/ktm fit --exp commitpack_k2 --run default "
                                "--model.init_from=checkpoints/read_commitpack_k2/default/export")
-
