@@ -434,11 +434,10 @@ class RunOutputs(L.Callback):
         if results:
             doc[split_name] = {f"k{k}": v for k, v in results.items()}
             # Which checkpoint those numbers are of: `ktm test --ckpt_path X` may evaluate another than the run's model.
-            evaluated = doc.setdefault("evaluated", {})
             if phase == "fit":
-                evaluated.pop("val", None)  # the fit's own validation: the run's model
+                doc.get("evaluated", {}).pop("val", None)  # the fit's own validation: the run's model
             elif trainer.ckpt_path:
-                evaluated[split_name] = Path(trainer.ckpt_path).name
+                doc.setdefault("evaluated", {})[split_name] = Path(trainer.ckpt_path).name
         info = dm.splits(dm.stage).info
         doc["data"] = {"benchmark": dm.benchmark.name, "task": dm.benchmark.task, "stage": dm.stage,
                        "stages": dm.stages, "source": info.get("source"), "info": info}
