@@ -28,6 +28,9 @@ READ_DEFAULT_rt_k4 := read_k1248
 # of make train's seed 0 (1.81x from read_k1248 alone, 4 epochs; the former 8-epoch recipe from scratch ended at 2.13x;
 # README Results).
 READ_DEFAULT_commitpack_k2 := read_k1248
+# commitpack_k4: the same chain with the code read at K=4 (read_commitpack_k4): test K=4 2.210 against 2.526 from
+# read_k1248 alone, val 3.22x its K=1 against 3.92x (seed 0, README Results).
+READ_DEFAULT_commitpack_k4 := read_k1248
 # tree_k1248 (one checkpoint for K = 1, 2, 4, 8): tree_k4's two stages, the tree's own text read with a K=8 encoder too.
 READ_DEFAULT_tree_k1248 := read_k1248
 READ       ?= $(READ_DEFAULT_$(EXP))
@@ -40,6 +43,7 @@ TASK_READ_DEFAULT_amazon_k4 := read_amazon_k4
 TASK_READ_DEFAULT_rt_k4 := read_rt_k4
 TASK_READ_DEFAULT_tree_k1248 := read_tree_k4
 TASK_READ_DEFAULT_commitpack_k2 := read_commitpack_k2
+TASK_READ_DEFAULT_commitpack_k4 := read_commitpack_k4
 TASK_READ  ?= $(if $(strip $(READ)),$(TASK_READ_DEFAULT_$(EXP)))
 # TASK_READ_ARGS: arguments for the TASK_READ fits only (ARGS go to the task), e.g. '--model.ks=[1,2,4,8]' when
 # the task trains K=8 too (README Results, one checkpoint for every K). TASK_READ_TAG names those runs apart

@@ -27,10 +27,12 @@ def test_install_uses_the_constraints():
     assert '-c constraints.txt -e ".[test]" "torch==2.13.0"' in pip[1]
 
 
-@pytest.mark.parametrize("exp, task_read", [("tree_k4", "read_tree_k4"), ("amazon_k4", "read_amazon_k4"), ("rt_k4", "read_rt_k4")])
+@pytest.mark.parametrize("exp, task_read", [("tree_k4", "read_tree_k4"), ("amazon_k4", "read_amazon_k4"), ("rt_k4", "read_rt_k4"),
+                                            ("commitpack_k2", "read_commitpack_k2"), ("commitpack_k4", "read_commitpack_k4")])
 def test_train_without_seeds_reads_twice_then_trains_one_run(exp, task_read):
-    """tree_k4 (the default), amazon_k4 and rt_k4: the shared reading checkpoint, then the task's own text read at
-    K=4 (TASK_READ), then the task (README Results: higher K=4 in every seed of the tree and Amazon)."""
+    """tree_k4 (the default), the sentiment and the code tasks: the shared reading checkpoint, then the task's own text
+    read at the task's K (TASK_READ), then the task (README Results: higher K=4 in every seed of the tree and Amazon,
+    lower K=2 and K=4 perplexity on CommitPackFT)."""
     assert _ktm(_dry("train", f"EXP={exp}")) == [
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
         f".venv/bin/ktm fit --exp {task_read} --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
@@ -77,7 +79,7 @@ def test_the_one_checkpoint_experiment_reads_the_trees_text_with_every_k_encoder
     assert "--run default --reuse  --model.init_from" in _ktm(_dry("train", "EXP=tree_k1248", "TASK_READ_ARGS=", "TASK_READ_TAG="))[1]
 
 
-@pytest.mark.parametrize("args", [("READ=",), ("EXP=commitpack_k4",)])
+@pytest.mark.parametrize("args", [("READ=",), ("EXP=tree",)])
 def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
     lines = _ktm(_dry("train", *args))
     assert len(lines) == 2 and "init_from" not in lines[0] and "read_k" not in " ".join(lines)
@@ -93,13 +95,13 @@ def test_train_with_seeds_runs_each_into_its_folder():
 
 @pytest.mark.parametrize("seeds, run", [("", "k1ref"), ("SEEDS=5", "k1ref_s$s")])
 def test_reference_trains_k1_alone_with_the_same_budget(seeds, run):
-    lines = _ktm(_dry("reference", "EXP=commitpack_k4", *([seeds] if seeds else [])))
-    fit = f".venv/bin/ktm fit --exp commitpack_k4 --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
-    assert fit in lines[0] and f"--config checkpoints/commitpack_k4/{run}/config.yaml" in lines[0]
+    lines = _ktm(_dry("reference", "EXP=tree", *([seeds] if seeds else [])))
+    fit = f".venv/bin/ktm fit --exp tree --run {run} --model.ks=[1] --data.k_schedule=[1] --model.lr_encoder=0.0001"
+    assert fit in lines[0] and f"--config checkpoints/tree/{run}/config.yaml" in lines[0]
     assert ("--seed_everything=$s --data.seed=$s" in lines[0]) == bool(seeds)
     assert "--trainer" not in lines[0]  # the experiment's own max_time / max_epochs
-    assert lines[-1] == ".venv/bin/ktm report checkpoints/commitpack_k4"
-    assert "init_from" not in " ".join(lines)  # commitpack_k4 has no default reading checkpoint
+    assert lines[-1] == ".venv/bin/ktm report checkpoints/tree"
+    assert "init_from" not in " ".join(lines)  # tree (the sweeps) has no default reading checkpoint
 
 
 def test_reference_starts_from_the_reading_checkpoint_of_make_train():
@@ -113,21 +115,11 @@ def test_reference_starts_from_the_reading_checkpoint_of_make_train():
 
 
 def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it():
-    lines = _ktm(_dry("train", "EXP=commitpack_k4", "READ=read_k4"))
+    lines = _ktm(_dry("train", "EXP=tree", "READ=read_k4"))
     made, fit = lines[0], lines[1]
     # made only when no finished run of its config is there (--reuse): a finished reading run is reused by every task run
     # fit only: make train's first run pays the reading fit, not its held-out test as well
     assert made == ".venv/bin/ktm fit --exp read_k4 --run default --reuse"
-    assert fit == ".venv/bin/ktm fit --exp commitpack_k4 --run default --model.init_from=checkpoints/read_k4/default/export "
+    assert fit == ".venv/bin/ktm fit --exp tree --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "TASK_READ=", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
-
-
-def test_commitpack_k2_reads_code_before_the_task():
-    """commitpack_k2 starts from read_k1248, then reads the seed's training commits at K=2 (README Results)."""
-    lines = _ktm(_dry("train", "EXP=commitpack_k2"))
-    assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default --reuse"
-    assert lines[1] == (".venv/bin/ktm fit --exp read_commitpack_k2 --run default --reuse  "
-                        "--model.init_from=checkpoints/read_k1248/default/export && true")
-    assert lines[2].startswith(".venv/bin/ktm fit --exp commitpack_k2 --run default "
-                               "--model.init_from=checkpoints/read_commitpack_k2/default/export")
