@@ -96,6 +96,16 @@ def test_shared_jsonl_counts_format_and_group_split():
 
 
 @needs_shared
+def test_shared_train_max_chars_keeps_val_and_test():
+    caps = dict(source="jsonl", data_dir=str(SHARED), max_old_chars=1200, max_new_chars=1200, long_policy="drop")
+    base = CommitPackBenchmark(**caps).build("all")
+    more = CommitPackBenchmark(**caps, train_max_chars=2000).build("all")
+    assert base.info["counts"] == {"train": 113, "val": 13, "test": 12} and more.info["counts"] == {"train": 234, "val": 13, "test": 12}
+    assert _commits(more.val) == _commits(base.val) and _commits(more.test) == _commits(base.test)
+    assert more.info["train_extra"] == {"train_max_chars": 2000, "added": 121, "held_out_file_rows": 3, "over_cap": 467}
+
+
+@needs_shared
 def test_shared_long_policies_are_counted():
     rows = _rows(SHARED / "train.jsonl") + _rows(SHARED / "test.jsonl")
     cap = 2000
@@ -152,6 +162,45 @@ def test_long_old_truncate_vs_drop_and_long_new_and_identical(tmp_path):
     assert sum(drop.info["counts"].values()) == 7
 
 
+def _commits(split) -> list[str]:
+    return [e.meta["commit"] for e in split]
+
+
+def test_train_max_chars_adds_long_rows_to_train_only(tmp_path):
+    """Rows capped out of val/test join train under the larger cap; val, test and val's files are untouched."""
+    long_old = "x = 0\n" * 30  # 180 bytes: over the 100 cap, within 200
+    rows = [_edit(f"o/r{f}", f"m{f}.py", i) for f in range(10) for i in range(2)]  # short rows, 10 files
+    rows += [_edit(f"o/r{f}", f"m{f}.py", 10 + f, old=long_old) for f in range(10)]  # one long row per file
+    rows += [_edit("o/big", "big.py", 0, old="y = 1\n" * 60)]  # 360 bytes: over both caps
+    d = tmp_path / "d"
+    _write(d / "train.jsonl", rows)
+    _write(d / "test.jsonl", [_edit("o/t", "t.py", 0, old=long_old), _edit("o/t", "t.py", 1)])
+    caps = dict(source="jsonl", data_dir=str(d), max_old_chars=100, max_new_chars=100, long_policy="drop", val_fraction=0.2, seed=3)
+    base = CommitPackBenchmark(**caps).build("all")
+    more = CommitPackBenchmark(**caps, train_max_chars=200).build("all")
+    assert _commits(more.val) == _commits(base.val) and _commits(more.test) == _commits(base.test) == ["o/t-t.py-1"]
+    assert _commits(more.train)[: len(base.train)] == _commits(base.train)
+    val_files = {e.group for e in base.val}
+    added = more.train[len(base.train):]
+    assert {e.group for e in added} == {e.group for e in base.train} and not val_files & {e.group for e in added}
+    assert all(e.prompt == format_prompt(long_old, f"Change number {10 + int(e.meta['path'][1:-3])} of {e.meta['path']}") for e in added)
+    assert more.info["train_extra"] == {"train_max_chars": 200, "added": 10 - len(val_files), "held_out_file_rows": len(val_files), "over_cap": 1}
+    assert more.info["counts"]["train"] == len(base.train) + 10 - len(val_files)
+    assert CommitPackBenchmark(**caps).cache_path("all") != CommitPackBenchmark(**caps, train_max_chars=200).cache_path("all")
+
+
+def test_train_max_chars_holds_out_a_carved_test_splits_files(tmp_path):
+    rows = [_edit(f"o/r{f}", f"m{f}.py", i) for f in range(10) for i in range(2)]
+    rows += [_edit(f"o/r{f}", f"m{f}.py", 10 + f, old="x = 0\n" * 30) for f in range(10)]
+    train = _write(tmp_path / "train.jsonl", rows)
+    caps = dict(source="jsonl", train_file=str(train), max_old_chars=100, long_policy="drop", test_size=4, seed=1)
+    base = CommitPackBenchmark(**caps).build("all")
+    more = CommitPackBenchmark(**caps, train_max_chars=200).build("all")
+    assert _commits(more.test) == _commits(base.test) and _commits(more.val) == _commits(base.val)
+    held = {e.group for e in base.test + base.val}
+    assert not held & {e.group for e in more.train} and more.info["train_extra"]["held_out_file_rows"] == len(held)
+
+
 # -- bad data files --------------------------------------------------------------------------------
 
 
@@ -204,6 +253,12 @@ def test_bad_options_are_one_line_errors(tmp_path):
         get_benchmark("commitpack", bogus=1)
     with pytest.raises(KTMError, match="no data_dir or train_file"):
         CommitPackBenchmark(source="jsonl").build("all")
+    with pytest.raises(KTMError, match="train_max_chars 0 must be a positive int"):
+        CommitPackBenchmark(max_old_chars=10, train_max_chars=0)
+    with pytest.raises(KTMError, match="no row is capped out"):
+        CommitPackBenchmark(train_max_chars=2000)
+    with pytest.raises(KTMError, match=r"must exceed max_old_chars / max_new_chars \(1200\)"):
+        CommitPackBenchmark(max_old_chars=800, max_new_chars=1200, train_max_chars=1200)
 
 
 # -- splitting and the cache -----------------------------------------------------------------------

@@ -40,6 +40,9 @@ boundary (`"truncate"`). The cut is from the end by default (`truncate_side="rig
 of the new file, so the kept old head lines up with the first target tokens the rest is conditioned
 on, and a file's head holds the imports and definitions the rest refers to. `truncate_side="left"`
 keeps the end of the file instead. Rows whose old and new contents are equal are dropped (counted).
+`train_max_chars` lets train alone take longer rows: those the caps dropped that fit this larger cap (old and
+new file each) join train, unless their file is in val (or in a test split we carved), so val and test stay the
+same examples and a run on more, longer training commits is compared on the same val (info["train_extra"]).
 
 Rows of the same schema can be mined from any local git repository with ktm/benchmarks/commit_miner.py
 (`ktm data commits`).
@@ -127,6 +130,8 @@ class CommitPackBenchmark(Benchmark):
         None = no cap. Default None.
       long_policy: "truncate" | "drop" for old files over max_old_chars. Default "truncate".
       truncate_side: "right" (keep the head) | "left" (keep the end). Default "right".
+      train_max_chars: a larger cap (UTF-8 bytes, old and new file each) under which rows dropped by
+        max_old_chars / max_new_chars still join train (never val, nor val's files). Default None.
     """
 
     name = "commitpack"
@@ -153,8 +158,10 @@ class CommitPackBenchmark(Benchmark):
         max_new_chars: int | None = None,
         long_policy: str = "truncate",
         truncate_side: str = "right",
+        train_max_chars: int | None = None,
     ):
         _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old_chars, max_new_chars, long_policy, truncate_side)
+        _check_train_cap(train_max_chars, max_old_chars, max_new_chars)
         super().__init__(
             seed,
             source=source,
@@ -173,6 +180,7 @@ class CommitPackBenchmark(Benchmark):
             max_new_chars=max_new_chars,
             long_policy=long_policy,
             truncate_side=truncate_side,
+            train_max_chars=train_max_chars,
         )
         self._resolved: dict[str, Any] | None = None
         self._digests: dict[tuple[str, int, int], str] = {}
@@ -305,6 +313,7 @@ class CommitPackBenchmark(Benchmark):
             info["hub"] = resolved["hub"]
             info["read"] = {"hub": len(rows)}
             examples = filt.apply(_examples(rows, "hub", data_files))
+            capped_out = list(filt.too_long)
             n_test = _size(o["test_size"] if o["test_size"] is not None else PAPER_TEST_SIZE, len(examples))
             pool, test = _carve(examples, n_test, rng, "test")
         else:
@@ -313,6 +322,7 @@ class CommitPackBenchmark(Benchmark):
             info["data_files"] = {"train": str(train_path.resolve())}
             info["read"] = {"train": len(train_rows)}
             pool = filt.apply(_examples(train_rows, "jsonl", train_path))
+            capped_out = list(filt.too_long)  # the train file's rows only: a test row never joins train
             if test_path is not None:
                 test_rows = read_jsonl(test_path, REQUIRED, "commitpack test file")
                 info["data_files"]["test"] = str(test_path.resolve())
@@ -330,6 +340,10 @@ class CommitPackBenchmark(Benchmark):
         train, val = _carve(pool, n_val, rng, "val")
         if n_val and not val:
             log.warning("commitpack: too few groups to carve a val split; val is empty")
+        if o["train_max_chars"] is not None:
+            # Files we held out stay out; a published test file already shares files with train (above).
+            held_out = {e.group for e in val} | ({e.group for e in test} if "test_groups_in_train" not in info else set())
+            train, info["train_extra"] = _add_long_train(train, capped_out, held_out, o["train_max_chars"], o["truncate_side"])
         info["dropped"] = filt.dropped
         info["truncated_old"] = filt.truncated
         info["counts"] = {"train": len(train), "val": len(val), "test": len(test)}
@@ -361,6 +375,7 @@ class _Filter:
         self.max_old, self.max_new, self.policy, self.side = max_old, max_new, policy, side
         self.dropped = {"identical": 0, "long_new": 0, "long_old": 0}
         self.truncated = 0
+        self.too_long: list[tuple[dict, str]] = []  # the rows dropped for a cap, for train_max_chars
 
     def apply(self, rows: Iterable[tuple[dict, str]]) -> list[Example]:
         out = []
@@ -371,11 +386,13 @@ class _Filter:
                 continue
             if self.max_new is not None and text_size(new) > self.max_new:
                 self.dropped["long_new"] += 1
+                self.too_long.append((row, group))
                 continue
             truncated = False
             if self.max_old is not None and text_size(old) > self.max_old:
                 if self.policy == "drop":
                     self.dropped["long_old"] += 1
+                    self.too_long.append((row, group))
                     continue
                 old, truncated = truncate_text(old, self.max_old, self.side), True
                 self.truncated += 1
@@ -384,6 +401,14 @@ class _Filter:
             out.append(Example(prompt=format_prompt(old, row["subject"]), target=new, label=None, group=group, meta=meta,
                                keep=kept_suffix(row["subject"])))
         return out
+
+
+def _add_long_train(train: list[Example], too_long: list[tuple[dict, str]], held_out: set[str], cap: int, side: str) -> tuple[list[Example], dict]:
+    """Train plus the capped-out rows that fit `cap`, except those of held-out files; and what was done."""
+    fits = _Filter(cap, cap, "drop", side).apply(too_long)
+    extra = [e for e in fits if e.group not in held_out]
+    info = {"train_max_chars": cap, "added": len(extra), "held_out_file_rows": len(fits) - len(extra), "over_cap": len(too_long) - len(fits)}
+    return train + extra, info
 
 
 def _examples(rows: list[dict], source: str, where: Any) -> Iterable[tuple[dict, str]]:
@@ -450,6 +475,20 @@ def _carve(examples: list[Example], n: int, rng: random.Random, what: str) -> tu
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _check_train_cap(cap, max_old, max_new) -> None:
+    if cap is None:
+        return
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+        raise KTMError(f"commitpack: train_max_chars {cap!r} must be a positive int or null", "fix data.benchmark_args.train_max_chars")
+    caps = [c for c in (max_old, max_new) if c is not None]
+    if not caps:
+        raise KTMError("commitpack: train_max_chars is set but max_old_chars and max_new_chars are not, so no row is capped out",
+                       "set max_old_chars / max_new_chars (the caps val and test keep) or remove train_max_chars")
+    if cap <= max(caps):
+        raise KTMError(f"commitpack: train_max_chars {cap} must exceed max_old_chars / max_new_chars ({max(caps)}) to add any row",
+                       "raise data.benchmark_args.train_max_chars or remove it")
 
 
 def _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old, max_new, policy, side) -> None:
