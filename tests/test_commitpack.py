@@ -65,6 +65,19 @@ def test_prompt_format_is_the_papers_layout():
     assert format_prompt("", "Create it").startswith(f"{INSTRUCTION}\nOld Content:\nInstructions:\n")
 
 
+def test_test_targets_a_training_commit_holds_verbatim_are_counted(tmp_path):
+    train = [_edit("o/a", "a.py", 0, old="a = 0\n", new="a = 1\n"), _edit("o/a", "a.py", 1, old="a = 1", new="a = 2\n"),
+             _edit("o/b", "b.py", 0, old="", new="b = 1\n")]
+    test = [_edit("o/a", "a.py", 9, old="a = 2\n", new="a = 0"),  # the first training commit's old file (no final newline)
+            _edit("o/a", "a.py", 8, old="a = 0\n", new="a = 2\n"),  # the second one's target
+            _edit("o/b", "b.py", 9, old="b = 1\n", new="b = 3\n")]  # not in train
+    d = tmp_path / "d"
+    _write(d / "train.jsonl", train)
+    _write(d / "test.jsonl", test)
+    info = CommitPackBenchmark(source="jsonl", data_dir=str(d), val_fraction=0).build("all").info
+    assert info["test_groups_in_train"] == 2 and info["test_targets_in_train"] == 2
+
+
 # -- the shared data -------------------------------------------------------------------------------
 
 
@@ -82,6 +95,9 @@ def test_shared_jsonl_counts_format_and_group_split():
     assert val_groups and not train_groups & val_groups
     # The published test split shares files with train (split by commit upstream); we report it.
     assert info["test_groups_in_train"] == 42
+    # 3 of the 12 test commits within the 1200-byte caps have a target that a training commit holds verbatim.
+    capped = CommitPackBenchmark(source="jsonl", data_dir=str(SHARED), max_old_chars=1200, max_new_chars=1200, long_policy="drop").build("all")
+    assert capped.info["test_groups_in_train"] == 10 and capped.info["test_targets_in_train"] == 3
 
     by_commit = {r["commit"]: r for r in _rows(SHARED / "train.jsonl") + _rows(SHARED / "test.jsonl")}
     for e in splits.train + splits.val + splits.test:

@@ -27,7 +27,8 @@ Sources (option `source`):
   are optional. Without a test file, test is carved from train like the hub split.
   Group = repo + path. The shared set (shared/data/commits) was split by commit upstream, so its test
   file shares files with train (42 of its 49 test files); we keep that test file as published, so our
-  numbers stay comparable, and report the overlap in info["test_groups_in_train"]. Val is carved from
+  numbers stay comparable, and report the overlap in info["test_groups_in_train"], and how many test
+  targets train holds verbatim (as a commit's old or new file) in info["test_targets_in_train"]. Val is carved from
   train by group, so val never shares a file with train.
 - "auto" (default): the hub when it answers, else jsonl, with a WARNING that names the reason. The
   decision is taken once per instance and enters the cache key, so a cache built from the fallback is
@@ -63,6 +64,7 @@ from ktm.io import read_jsonl, sha256_file, text_size
 log = logging.getLogger("ktm")
 
 INSTRUCTION = "Edit the code below as the instructions say and output the complete new file."
+PROMPT_HEAD = f"{INSTRUCTION}\nOld Content:\n"
 
 HUB_REPO = "bigcode/commitpackft"
 HUB_PATH = "data/{language}/data.jsonl"
@@ -78,8 +80,16 @@ TRUNCATE_SIDES = ("right", "left")
 
 def format_prompt(old_contents: str, subject: str) -> str:
     """The one place the prompt layout lives (see the module docstring). The target is new_contents."""
-    old = old_contents if old_contents.endswith("\n") or not old_contents else old_contents + "\n"
-    return f"{INSTRUCTION}\nOld Content:\n{old}Instructions:\n{subject.strip()}\nNew Content:\n"
+    return f"{PROMPT_HEAD}{_ends_line(old_contents)}Instructions:\n{subject.strip()}\nNew Content:\n"
+
+
+def _ends_line(text: str) -> str:
+    return text if text.endswith("\n") or not text else text + "\n"
+
+
+def _old_file(e: Example) -> str:
+    """The old file as format_prompt laid it in e.prompt (ending in a newline unless empty)."""
+    return e.prompt[len(PROMPT_HEAD) : len(e.prompt) - len(e.keep) + 1]
 
 
 def kept_suffix(subject: str) -> str:
@@ -344,6 +354,9 @@ class CommitPackBenchmark(Benchmark):
             # Files we held out stay out; a published test file already shares files with train (above).
             held_out = {e.group for e in val} | ({e.group for e in test} if "test_groups_in_train" not in info else set())
             train, info["train_extra"] = _add_long_train(train, capped_out, held_out, o["train_max_chars"], o["truncate_side"])
+        if "test_groups_in_train" in info:
+            train_files = {f for e in train for f in (_ends_line(e.target), _old_file(e))}
+            info["test_targets_in_train"] = sum(_ends_line(e.target) in train_files for e in test)
         info["dropped"] = filt.dropped
         info["truncated_old"] = filt.truncated
         info["counts"] = {"train": len(train), "val": len(val), "test": len(test)}
