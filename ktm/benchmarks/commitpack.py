@@ -147,7 +147,8 @@ class CommitPackBenchmark(Benchmark):
     name = "commitpack"
     task = "perplexity"
     labels = ()
-    version = "3"  # 2: size caps count UTF-8 bytes; 3: examples mark the instructions as their kept span (Example.keep)
+    version = "4"  # 2: size caps count UTF-8 bytes; 3: examples mark the instructions as their kept span (Example.keep);
+    # 4: info counts the test targets train holds verbatim (test_targets_in_train)
 
     def __init__(
         self,
