@@ -325,6 +325,7 @@ class CommitPackBenchmark(Benchmark):
             info["read"] = {"hub": len(rows)}
             examples = filt.apply(_examples(rows, "hub", data_files))
             capped_out = list(filt.too_long)
+            published_test = False
             n_test = _size(o["test_size"] if o["test_size"] is not None else PAPER_TEST_SIZE, len(examples))
             pool, test = _carve(examples, n_test, rng, "test")
         else:
@@ -334,7 +335,8 @@ class CommitPackBenchmark(Benchmark):
             info["read"] = {"train": len(train_rows)}
             pool = filt.apply(_examples(train_rows, "jsonl", train_path))
             capped_out = list(filt.too_long)  # the train file's rows only: a test row never joins train
-            if test_path is not None:
+            published_test = test_path is not None
+            if published_test:
                 test_rows = read_jsonl(test_path, REQUIRED, "commitpack test file")
                 info["data_files"]["test"] = str(test_path.resolve())
                 info["read"]["test"] = len(test_rows)
@@ -353,9 +355,9 @@ class CommitPackBenchmark(Benchmark):
             log.warning("commitpack: too few groups to carve a val split; val is empty")
         if o["train_max_chars"] is not None:
             # Files we held out stay out; a published test file already shares files with train (above).
-            held_out = {e.group for e in val} | ({e.group for e in test} if "test_groups_in_train" not in info else set())
+            held_out = {e.group for e in val} | (set() if published_test else {e.group for e in test})
             train, info["train_extra"] = _add_long_train(train, capped_out, held_out, o["train_max_chars"], o["truncate_side"])
-        if "test_groups_in_train" in info:
+        if published_test:
             train_files = {f for e in train for f in (_ends_line(e.target), _old_file(e))}
             info["test_targets_in_train"] = sum(_ends_line(e.target) in train_files for e in test)
         info["dropped"] = filt.dropped
