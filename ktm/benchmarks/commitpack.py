@@ -171,8 +171,7 @@ class CommitPackBenchmark(Benchmark):
         truncate_side: str = "right",
         train_max_chars: int | None = None,
     ):
-        _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old_chars, max_new_chars, long_policy, truncate_side)
-        _check_train_cap(train_max_chars, max_old_chars, max_new_chars)
+        _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old_chars, max_new_chars, long_policy, truncate_side, train_max_chars)
         super().__init__(
             seed,
             source=source,
@@ -494,10 +493,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_train_cap(cap, max_old, max_new) -> None:
+    """train_max_chars (already a positive int or None) must be above a cap that drops rows."""
     if cap is None:
         return
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        raise KTMError(f"commitpack: train_max_chars {cap!r} must be a positive int or null", "fix data.benchmark_args.train_max_chars")
     caps = [c for c in (max_old, max_new) if c is not None]
     if not caps:
         raise KTMError("commitpack: train_max_chars is set but max_old_chars and max_new_chars are not, so no row is capped out",
@@ -507,7 +505,7 @@ def _check_train_cap(cap, max_old, max_new) -> None:
                        "raise data.benchmark_args.train_max_chars or remove it")
 
 
-def _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old, max_new, policy, side) -> None:
+def _check_options(source, data_dir, train_file, test_file, test_size, val_fraction, max_old, max_new, policy, side, train_max) -> None:
     if source not in SOURCES:
         raise KTMError(f"commitpack: source {source!r} is not one of {', '.join(SOURCES)}", "set data.benchmark_args.source")
     if data_dir is not None and train_file is not None:
@@ -520,11 +518,12 @@ def _check_options(source, data_dir, train_file, test_file, test_size, val_fract
             raise KTMError(f"commitpack: test_size {test_size!r} must be a positive int (count) or a float in (0, 1)", "fix data.benchmark_args.test_size")
     if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
         raise KTMError(f"commitpack: val_fraction {val_fraction!r} must be in [0, 1)", "fix data.benchmark_args.val_fraction")
-    for name, cap in (("max_old_chars", max_old), ("max_new_chars", max_new)):
+    for name, cap in (("max_old_chars", max_old), ("max_new_chars", max_new), ("train_max_chars", train_max)):
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
             raise KTMError(f"commitpack: {name} {cap!r} must be a positive int or null", f"fix data.benchmark_args.{name}")
     if policy not in LONG_POLICIES:
         raise KTMError(f"commitpack: long_policy {policy!r} is not one of {', '.join(LONG_POLICIES)}", "fix data.benchmark_args.long_policy")
     if side not in TRUNCATE_SIDES:
         raise KTMError(f"commitpack: truncate_side {side!r} is not one of {', '.join(TRUNCATE_SIDES)}", "fix data.benchmark_args.truncate_side")
+    _check_train_cap(train_max, max_old, max_new)
 
