@@ -115,10 +115,12 @@ def test_every_experiment_config_parses(exp, capsys):
     """Each shipped YAML (with the shared defaults) holds only known keys of the right types: `--print_config`
     parses it all without building anything, and prints the K settings it holds; its trainer settings and every
     setting `ktm fit` checks right after parsing (data, model, checkpoint monitor: one inherited through `extends`
-    must name a K the experiment has) pass those checks (untested GPU recipes included)."""
+    must name a K the experiment has) pass those checks (untested GPU recipes included), and its benchmark takes its
+    options (a child's benchmark_args replaces its parent's whole mapping, so a partial one loses options)."""
     import yaml
     from jsonargparse import Namespace
 
+    from ktm.benchmarks import get_benchmark
     from ktm.training.lightning_cli import check_parsed_settings, check_validation_cadence
 
     def namespace(value):  # the parsed config as the CLI holds it (per-K dicts keep their int keys)
@@ -132,6 +134,7 @@ def test_every_experiment_config_parses(exp, capsys):
     cfg = yaml.safe_load(out)
     check_validation_cadence(cfg["trainer"])
     check_parsed_settings(namespace(cfg))
+    get_benchmark(cfg["data"]["benchmark"], seed=cfg["data"]["seed"], **(cfg["data"]["benchmark_args"] or {}))  # reads no data
 
 
 # -- experiments that extend another ------------------------------------------------------------------
