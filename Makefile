@@ -67,15 +67,25 @@ fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
 # $(call fit_test,RUN,EXTRA): the same for $(EXP), with $(ARGS) after EXTRA (ARGS wins). ARGS is not a call
 # argument since its commas ([1,2]) would split it.
 fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
-# $(call task_read,SEED_ARGS,NAME): the TASK_READ fit of one seed into checkpoints/$(TASK_READ)/NAME, then "&&";
+# $(call read_fit,CHECK): READ's reading fit into checkpoints/$(READ)/default (reused once made); nothing without READ.
+read_fit = $(if $(strip $(READ)),$(BIN)/ktm fit --exp $(READ) --run default --reuse$(1))
+# $(call task_read,SEED_ARGS,NAME,CHECK): the TASK_READ fit of one seed into checkpoints/$(TASK_READ)/NAME, then "&&";
 # nothing without TASK_READ. $(call start_args,NAME): where the task starts, that fit's export or READ's.
 task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2)$(TASK_READ_TAG) --reuse $(1)$(INIT_ARGS)$(if \
-  $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS)) &&)
+  $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS))$(3) &&)
 start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)$(TASK_READ_TAG)/export,$(INIT_ARGS))
 # $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the
 # data, each from its own TASK_READ run where there is one (else from READ).
 per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s}) \
   $(call fit_test,$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done
+# $(call preflight,RUN,EXTRA): every fit make train/reference is about to run (READ, TASK_READ and the task, per seed),
+# given --check first: settings, benchmark options and run folders, seconds each, nothing loaded. A mistake in the
+# task's config or a task run folder that is taken fails at once, not after the reading stages (up to 40 minutes).
+task_check = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) --check
+preflight = $(if $(strip $(READ)),$(call read_fit, --check) &&) $(if $(strip $(SEEDS)),for s in $(SEEDS); do \
+  $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s}, --check) \
+  $(call task_check,$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done,$(call \
+  task_read,,default, --check) $(call task_check,$(1),$(2)$(call start_args,default)))
 
 .PHONY: install constraints reading train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 
@@ -94,16 +104,16 @@ constraints:
 ## the reading checkpoint of READ (made once, then reused): make reading READ=read_k4
 ## its held-out numbers: ktm test --config checkpoints/$(READ)/default/config.yaml --ckpt_path .../last.ckpt
 reading: install
-ifneq ($(strip $(READ)),)
-	$(BIN)/ktm fit --exp $(READ) --run default --reuse
-endif
+	$(call read_fit,)
 
 ## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [READ=read_k4] [ARGS="--trainer.max_epochs=1"]
 ##   [TASK_READ_ARGS="--model.ks=[1,2,4,8]" TASK_READ_TAG=_k1248]
 ## SEEDS: one run per seed into $(RUN)_s<seed>, then the mean ± std over seeds (ktm report checkpoints/$(EXP))
 ## READ: start from that reading experiment's checkpoint (made first when missing; README "Reading stage");
 ##       tree_k4 starts from read_k1248 by default, READ= starts it from scratch
-train: install reading
+train: install
+	$(call preflight,$(RUN),)
+	$(call read_fit,)
 ifeq ($(strip $(SEEDS)),)
 	$(call task_read,,default) true
 	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(call start_args,default) $(ARGS)
@@ -116,7 +126,9 @@ endif
 
 ## the uncompressed reference beside the merged runs: make reference EXP=tree_k4 [SEEDS="0 1 2"] -> k1ref[_s<seed>]
 ## it starts from the same reading checkpoint as make train (READ), so both spend the same budget before the task
-reference: install reading
+reference: install
+	$(call preflight,k1ref,$(REFERENCE_ARGS))
+	$(call read_fit,)
 ifeq ($(strip $(SEEDS)),)
 	$(call task_read,,default) true
 	$(call fit_test,k1ref,$(REFERENCE_ARGS)$(call start_args,default))

@@ -18,7 +18,14 @@ def _dry(*args: str) -> list[str]:
 
 
 def _ktm(lines: list[str]) -> list[str]:
-    return [line for line in lines if "/ktm " in line]
+    """The commands that run, without make train's preflight (`--check`, test_every_fit_is_checked_before_any_runs)."""
+    return [line for line in lines if "/ktm " in line and "--check" not in line]
+
+
+def _fits(line: str) -> list[str]:
+    """The `ktm fit` commands of one shell line, each without its --check and spacing."""
+    parts = [" ".join(p.replace("--check", "").replace("|| exit 1; done", "").split()) for p in line.split(" && ")]
+    return [p[p.index("ktm fit"):] for p in parts if "ktm fit" in p]
 
 
 def test_install_uses_the_constraints():
@@ -123,3 +130,18 @@ def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it()
     assert fit == ".venv/bin/ktm fit --exp tree --run default --model.init_from=checkpoints/read_k4/default/export "
     (loop,) = [line for line in _ktm(_dry("train", "READ=read_k4", "TASK_READ=", "SEEDS=0 1")) if line.startswith("for s")]
     assert "--run default_s$s --model.init_from=checkpoints/read_k4/default/export --seed_everything=$s" in " ".join(loop.split())
+
+
+@pytest.mark.parametrize("args", [("EXP=amazon_k4",), ("EXP=commitpack_k4", "RUN=r", "ARGS=--trainer.max_epochs=2"), ("READ=",),
+                                  ("EXP=tree_k1248", "SEEDS=0 1"), ("EXP=rt_k4", "TASK_READ=")])
+@pytest.mark.parametrize("target", ["train", "reference"])
+def test_every_fit_is_checked_before_any_runs(target, args):
+    """make train/reference first gives each fit it will run (READ, TASK_READ, the task; per seed) --check, in one
+    shell line with the same arguments: a bad task config or a taken run folder fails before the reading stages."""
+    lines = [line for line in _dry(target, *args) if "/ktm " in line]
+    (check,) = [line for line in lines if "--check" in line]
+    assert lines.index(check) == 0
+    checked = _fits(check)
+    ran = [fit for line in lines[1:] for fit in _fits(line)]
+    assert checked == ran and len(ran) == 3 - ("READ=" in args) * 2 - ("TASK_READ=" in args)
+    assert all(part.split()[-1] == "--check" for part in check.replace("|| exit 1; done", "").split(" && ") if "ktm fit" in part)

@@ -440,3 +440,26 @@ def test_reuse_keeps_a_finished_run_of_the_same_config_and_refuses_another(train
     assert "already holds a run" in error_line(capsys)
     assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "new", *TINY, "--reuse"]) == 0
     assert (run.parent / "new" / "export" / "ktm.json").is_file()
+
+
+def test_check_runs_every_check_and_builds_nothing(trained, tmp_path, capsys, ktm_log):
+    """`ktm fit --check` (make train's preflight before the reading stages) passes or fails as the fit would at
+    its start, in seconds, without loading the base or writing anything: a free folder passes, a taken one is the
+    fit's own refusal, a finished run of the same config with --reuse is named as kept, and a benchmark option the
+    benchmark does not take fails here (it used to fail only when the data module was set up)."""
+    run = copy_run(trained, tmp_path)
+    root = run.parents[1]
+    before = snapshot(root)
+    base = ["fit", "--exp", "tree_k4", "--root", str(root), *TINY, "--check"]
+    assert main([*base, "--run", "fresh"]) == 0
+    assert f"the run folder {root / 'tree_k4' / 'fresh'} accepts it); nothing was loaded" in ktm_log.text
+    assert not (root / "tree_k4" / "fresh").exists()
+    assert main([*base, "--run", "r", "--reuse"]) == 0
+    assert f"the run folder {run} holds a finished run of this config, which --reuse keeps" in ktm_log.text
+    assert main([*base, "--run", "r"]) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert main([*base, "--run", "r", "--reuse", "--model.lr_encoder=0.002"]) == 2
+    assert "holds a finished run of another config: model.lr_encoder" in error_line(capsys)
+    assert main([*base, "--run", "fresh", "--data.benchmark_args={n_trees: 120, depth: 3}"]) == 2
+    assert "bad options for benchmark 'tree'" in error_line(capsys)
+    assert snapshot(root) == before

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ktm.benchmarks import REGISTRY
+from ktm.benchmarks import REGISTRY, get_benchmark
 from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
 from ktm.model import LoraSettings, check_settings
@@ -27,7 +27,8 @@ from ktm.training.callbacks import (EpochLog, ReleaseFreedMemory, ResumableRNG, 
                                    ValidateAtMaxSteps, run_dir)
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
-from ktm.training.run_folder import SPECIAL_CKPT, RunFolder, check_name, eval_checkpoint, reusable, run_path
+from ktm.training.run_folder import (SPECIAL_CKPT, RunFolder, check_claim_options, check_name, eval_checkpoint, refuse_mixing,
+                                    reusable, run_path)
 
 log = logging.getLogger("ktm")
 
@@ -59,6 +60,10 @@ def run(argv: list[str]) -> None:
         )
     except Reused as exc:
         log.info("--reuse: %s holds a finished run of this config; nothing to train (its export: %s)", exc.folder, exc.folder / "export")
+    except Checked as exc:
+        found = "holds a finished run of this config, which --reuse keeps" if exc.reused else "accepts it"
+        log.info("--check: %s passes its checks (settings, benchmark options; the run folder %s %s); nothing was loaded",
+                 command, exc.folder, found)
     except MisconfigurationException as exc:  # Lightning's own verdict on trainer settings
         raise KTMError(f"invalid trainer setting: {' '.join(str(exc).split())[:240]}",
                        f"fix the trainer section of the config ({command} --help lists the options)") from None
@@ -78,6 +83,15 @@ class Reused(Exception):
     def __init__(self, folder: Path):
         super().__init__(str(folder))
         self.folder = folder
+
+
+class Checked(Exception):
+    """`--check` passed every check that needs no model and no data: nothing to run. reused: the folder holds a
+    finished run of this config that --reuse would keep."""
+
+    def __init__(self, folder: Path, reused: bool = False):
+        super().__init__(str(folder))
+        self.folder, self.reused = folder, reused
 
 
 class KTMArgumentParser(LightningArgumentParser):
@@ -193,6 +207,9 @@ class KTMCLI(LightningCLI):
         parser.add_argument("--overwrite", action="store_true",
                             help="fit into a run folder that holds a run: move the old run aside to <run>.old-<time> first "
                                  "(nothing is deleted; done when training starts)")
+        parser.add_argument("--check", action="store_true",
+                            help="check the settings, the benchmark's options and the run folder as this command would, "
+                                 "then exit without loading the model or data (make train checks every stage first)")
         # Checkpoints are configurable (experiments/defaults.yaml `checkpoint:`): by default last.ckpt plus
         # the newest epoch file at each epoch's end; checkpoint.every_n_train_steps=N saves every N
         # optimizer steps instead, so a killed run loses fewer than N steps.
@@ -232,14 +249,21 @@ class KTMCLI(LightningCLI):
             cfg.trainer.precision = native_precision(cfg.trainer.get("accelerator") or "auto")
         overwrite, cfg.overwrite = bool(cfg.get("overwrite")), False  # a one-off: never saved into config.yaml
         reuse, cfg.reuse = bool(cfg.get("reuse")), False
+        check, cfg.check = bool(cfg.get("check")), False
         if reuse and self.subcommand == "fit" and not overwrite:
-            self._reuse(cfg)
+            self._reuse(cfg, check)
+        if check:
+            folder = run_path(cfg.root, cfg.experiment, cfg.run)
+            if check_claim_options(folder, self.command, cfg.get("ckpt_path"), overwrite):
+                refuse_mixing(folder, cfg.get("ckpt_path"))
+            raise Checked(folder)
         if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this command: the folder is rank zero's
             self.claimed.append(RunFolder.claim(cfg.root, cfg.experiment, cfg.run, command=self.command,
                                                 ckpt_path=cfg.get("ckpt_path"), overwrite=overwrite))
 
-    def _reuse(self, cfg) -> None:
-        """--reuse: stop here (Reused) when the run folder holds a finished run of this config (run_folder.reusable)."""
+    def _reuse(self, cfg, check: bool = False) -> None:
+        """--reuse: stop here (Reused) when the run folder holds a finished run of this config (run_folder.reusable);
+        with --check, say it would be reused (Checked)."""
         import yaml
 
         parser = self._parser(self.subcommand)
@@ -249,7 +273,7 @@ class KTMCLI(LightningCLI):
         defaults = yaml.safe_load(parser.dump(parser.get_defaults(), skip_none=False, skip_validation=True))
         folder = run_path(cfg.root, cfg.experiment, cfg.run)
         if reusable(folder, new, defaults):
-            raise Reused(folder)
+            raise Checked(folder, reused=True) if check else Reused(folder)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -264,6 +288,8 @@ def check_parsed_settings(cfg) -> None:
     check_name(cfg.experiment, "--experiment")  # the run folder stays inside --root
     check_name(cfg.run, "--run")
     check_data_args(**cfg.data.as_dict())
+    args = cfg.data.benchmark_args
+    get_benchmark(cfg.data.benchmark, seed=cfg.data.seed, **(args.as_dict() if isinstance(args, Namespace) else args or {}))  # reads no data
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)

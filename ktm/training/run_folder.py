@@ -353,6 +353,31 @@ def reusable(folder: Path, new: dict, defaults: dict) -> bool:
 # -- the folder ----------------------------------------------------------------------------------------
 
 
+def check_claim_options(path: Path, command: str, ckpt_path: str | None, overwrite: bool) -> bool:
+    """Refuse --overwrite where it cannot apply; return whether the command would start a new run in `path`
+    (a fit that neither resumes nor moves the old run aside), which must then find it empty (refuse_mixing)."""
+    fitting = command.endswith("fit")
+    if overwrite and not fitting:
+        raise KTMError(f"--overwrite is only for `ktm fit` (got `{command}`)",
+                       f"drop --overwrite: `{command}` adds its numbers to the run's metrics.json")
+    resuming = ckpt_path is not None and (str(ckpt_path) in SPECIAL_CKPT or _inside(ckpt_path, path))
+    if overwrite and resuming:
+        raise KTMError(f"--overwrite with --ckpt_path {ckpt_path}, which is inside the run folder {path} it would move aside",
+                       "drop --overwrite to resume that run, or drop --ckpt_path to start it afresh")
+    return fitting and not resuming and not overwrite
+
+
+def refuse_mixing(path: Path, ckpt_path: str | None = None) -> None:
+    """A new fit (not a resume, no --overwrite) into a folder that already holds a run would mix with it: refused."""
+    present = run_contents(path)
+    if present:
+        hint = _resume_hint(path) if ckpt_path is None else f"to start from {ckpt_path}, "
+        raise KTMError(
+            f"run folder {path} already holds a run ({', '.join(present)}); a new fit there would mix with it",
+            f"{hint}pick another --run, or add --overwrite to move the old run aside to "
+            f"{path.name}{ASIDE_MARK}<time> (nothing is deleted)")
+
+
 class RunFolder:
     """The run folder one `ktm fit`/`validate`/`test` claimed (rank zero only): checked and locked by
     `claim`, started by `begin` (fit: once every check passed), released by `release`."""
@@ -373,23 +398,12 @@ class RunFolder:
         """Check the names, lock the folder, and refuse a fit that would mix with the run it holds."""
         path = run_path(root, experiment, run)
         fitting = command.endswith("fit")
-        if overwrite and not fitting:
-            raise KTMError(f"--overwrite is only for `ktm fit` (got `{command}`)",
-                           f"drop --overwrite: `{command}` adds its numbers to the run's metrics.json")
-        resuming = ckpt_path is not None and (str(ckpt_path) in SPECIAL_CKPT or _inside(ckpt_path, path))
-        if overwrite and resuming:
-            raise KTMError(f"--overwrite with --ckpt_path {ckpt_path}, which is inside the run folder {path} it would move aside",
-                           "drop --overwrite to resume that run, or drop --ckpt_path to start it afresh")
+        mixing_matters = check_claim_options(path, command, ckpt_path, overwrite)
         folder = cls(path, command, overwrite=overwrite and fitting)
         folder._lock_it()
         try:
-            present = run_contents(path)
-            if fitting and present and not resuming and not overwrite:
-                hint = _resume_hint(path) if ckpt_path is None else f"to start from {ckpt_path}, "
-                raise KTMError(
-                    f"run folder {path} already holds a run ({', '.join(present)}); a new fit there would mix with it",
-                    f"{hint}pick another --run, or add --overwrite to move the old run aside to "
-                    f"{path.name}{ASIDE_MARK}<time> (nothing is deleted)")
+            if mixing_matters:  # checked under the lock: nobody adds a run in between
+                refuse_mixing(path, ckpt_path)
         except BaseException:
             folder.release()
             raise
