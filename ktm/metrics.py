@@ -4,7 +4,9 @@ P-L F1 = 2PL / (P + L): the harmonic mean of task performance P and compression 
   L = 1 - compressed prompt length / original prompt length (summed over the evaluated prompts)
   P = accuracy for classification, ppl_uncompressed / ppl for perplexity tasks (1.0 = no loss).
 Classification always comes with balanced accuracy (mean recall over classes) and the majority-class
-baseline, because tree labels are very unbalanced (~99% "false" on the largest stage).
+baseline, because tree labels are very unbalanced (~99% "false" on the largest stage), and with the ROC AUC of the
+label scores (macro over classes, one vs rest): how well a K ranks the examples whatever its decision threshold,
+so a K that only decides worse is told apart from one that reads worse (README Results, Amazon at K=4).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 
 import torch
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 
 def pl_f1(performance: float, compression: float) -> float:
@@ -79,14 +81,20 @@ class KMetrics(torch.nn.Module):
                 "accuracy": MulticlassAccuracy(num_classes, average="micro"),
                 "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
             })
-        self.sums = SumMetric(("nll", "target_tokens", "prompt_tokens", "merged_tokens", "adapted_tokens", "examples",
+            self.auroc = MulticlassAUROC(num_classes, average="macro", thresholds=None)  # exact: keeps every score
+        self.sums = SumMetric(("nll", "target_tokens", "prompt_tokens", "merged_tokens", "adapted_tokens", "examples", "scored",
                                *(f"label{i}" for i in range(num_classes))))
 
-    def update(self, nll, target_tokens, prompt_tokens, merged_tokens, preds=None, labels=None, adapted_tokens=None) -> None:
-        """adapted_tokens: (B,) prompt tokens a budget layout merges at another K than the fixed one (None: 0)."""
+    def update(self, nll, target_tokens, prompt_tokens, merged_tokens, preds=None, labels=None, adapted_tokens=None,
+               scores=None) -> None:
+        """adapted_tokens: (B,) prompt tokens a budget layout merges at another K than the fixed one (None: 0).
+        scores: (B, classes) label probabilities (their argmax is preds), for the ROC AUC."""
         extra = {} if adapted_tokens is None else {"adapted_tokens": adapted_tokens}
         if self.num_classes and labels is not None:
             self.cls.update(preds, labels)
+            if scores is not None:
+                self.auroc.update(scores.float(), labels)
+                extra["scored"] = torch.tensor(float(len(labels)))
             extra.update({f"label{i}": (labels == i).sum() for i in range(self.num_classes)})
         self.sums.update(nll=nll, target_tokens=target_tokens, prompt_tokens=prompt_tokens, merged_tokens=merged_tokens,
                          examples=torch.tensor(float(len(prompt_tokens))), **extra)
@@ -105,6 +113,8 @@ class KMetrics(torch.nn.Module):
             out.update({k: float(v) for k, v in self.cls.compute().items()})
             counts = [s[f"label{i}"] for i in range(self.num_classes)]
             out["majority_baseline"] = max(counts) / max(sum(counts), 1.0)
+            if s["scored"] and all(counts):  # undefined for a class without examples (no positives to rank)
+                out["auroc"] = float(self.auroc.compute())
             out["pl_f1"] = pl_f1(out["accuracy"], out["compression"])
         return out
 
@@ -112,6 +122,7 @@ class KMetrics(torch.nn.Module):
         self.sums.reset()
         if self.num_classes:
             self.cls.reset()
+            self.auroc.reset()
 
 
 def add_perplexity_f1(per_k: dict[int, dict[str, float]]) -> None:

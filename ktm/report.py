@@ -48,6 +48,8 @@ def render(metrics: dict, title: str = "") -> str:
         if evaluated and evaluated != model:  # `ktm test --ckpt_path` on another checkpoint: say so above its numbers
             lines += [f"{split}: of {evaluated}, not the run's model ({model})", ""]
         columns = CLASSIFICATION_COLUMNS if classification else PERPLEXITY_COLUMNS
+        if any("auroc" in m for m in rows.values()):  # runs since 2026-12-07: the threshold-free ranking beside accuracy
+            columns = columns[:3] + [("ROC AUC", "auroc")] + columns[3:]
         if any("perplexity_base" in m for m in rows.values()):  # model.eval_base: the bare base beside each K
             columns = PERPLEXITY_COLUMNS + BASE_COLUMNS
         if any(m.get("adapted_share") for m in rows.values()):  # budget policy: how far its layouts left fixed K

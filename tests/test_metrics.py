@@ -29,6 +29,36 @@ def test_kmetrics_classification():
     assert out["pl_f1"] == pytest.approx(pl_f1(0.75, 0.75))
 
 
+def _scored(m: KMetrics, scores: list[list[float]], labels: list[int]) -> dict:
+    n = len(labels)
+    ones = torch.ones(n)
+    p = torch.tensor(scores)
+    m.update(ones, ones, 4 * ones, ones, p.argmax(-1), torch.tensor(labels), scores=p)
+    return m.compute()
+
+
+def test_roc_auc_ranks_the_label_scores_whatever_the_decision_threshold():
+    """A K whose scores rank every negative below every positive has AUC 1 even when its argmax decides wrongly for
+    half of them (a shifted threshold); reversed scores give 0, one tie between classes 0.5 of its pair."""
+    m = KMetrics(num_classes=2)
+    shifted = [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]  # P(class 1) rises with the label: argmax says 0 for all
+    out = _scored(m, shifted, [0, 0, 1, 1])
+    assert out["balanced_accuracy"] == pytest.approx(0.5) and out["auroc"] == pytest.approx(1.0)
+    m.reset()
+    assert _scored(m, shifted, [1, 1, 0, 0])["auroc"] == pytest.approx(0.0)
+    m.reset()
+    assert _scored(m, [[0.5, 0.5], [0.5, 0.5]], [0, 1])["auroc"] == pytest.approx(0.5)
+
+
+def test_roc_auc_is_absent_without_scores_or_with_a_class_missing():
+    m = KMetrics(num_classes=2)
+    assert "auroc" not in _scored(m, [[0.9, 0.1], [0.8, 0.2]], [0, 0])  # no positives to rank
+    m.reset()
+    ones = torch.ones(2)
+    m.update(ones, ones, 4 * ones, ones, torch.tensor([0, 1]), torch.tensor([0, 1]))  # preds only (older callers)
+    assert "auroc" not in m.compute() and m.compute()["accuracy"] == 1.0
+
+
 def test_perplexity_f1_uses_k1_as_reference():
     per_k = {1: {"perplexity": 1.293, "compression": 0.0}, 4: {"perplexity": 1.391, "compression": 0.75}}
     add_perplexity_f1(per_k)

@@ -212,3 +212,15 @@ def test_numbers_of_another_checkpoint_than_the_runs_model_say_so(evaluated, sel
         doc["selected"] = {"step": 50, "final_step": 100, "monitor": "val/k4/balanced_accuracy", "value": 0.8, "checkpoint": selected}
     out = render(doc)
     assert (line in out) if line else ("not the run's model" not in out)
+
+
+def test_a_run_with_roc_auc_shows_it_beside_balanced_accuracy():
+    """Runs since 2026-12-07 write the ROC AUC of the label scores; older metrics.json files keep their table."""
+    doc = _classification(0.75, 0.7)
+    assert "ROC AUC" not in render(doc)
+    doc["test"]["k4"]["auroc"] = 0.768
+    lines = render(doc).splitlines()
+    header = next(line for line in lines if line.startswith("| split | K |"))
+    assert header.startswith("| split | K | examples | accuracy | balanced acc. | majority baseline | ROC AUC |")
+    assert "| test | 4 | 600 | 0.750 | 0.700 | 0.625 | 0.768 |" in " ".join(lines)
+    assert "| test | 1 | 600 | 0.500 | 0.500 | 0.625 | - |" in " ".join(lines)

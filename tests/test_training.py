@@ -154,6 +154,8 @@ def test_fit_writes_run_outputs_and_test_adds_metrics(tmp_path, capsys):
         for k in ("k1", "k2"):
             for name in ("accuracy", "balanced_accuracy", "majority_baseline", "pl_f1", "perplexity", "compression"):
                 assert name in metrics[split][k], (split, k, name)
+            m = metrics[split][k]  # the ROC AUC of the label scores wherever both labels occur (majority below 1)
+            assert ("auroc" in m) == (m["majority_baseline"] < 1.0) and 0.0 <= m.get("auroc", 0.0) <= 1.0, (split, k, m)
     assert metrics["curriculum"]["k"] == 2 and metrics["data"]["source"] == "generated"
     assert set(metrics["encoder_watch"]) == {"k2"} and metrics["encoder_watch"]["k2"]["warned"] is False  # K=1 has no encoder
     report = (run / "results.md").read_text()
