@@ -407,9 +407,10 @@ class KTMModule(L.LightningModule):
         for k in self.eval_ks:
             b = self.model.build_batch(prompt_ids, k, target_ids, unscored, kept)
             nll, counts, answer_logits = self.model.target_nll(b)
-            label_logits = answer_logits[:, self._label_ids] if labels is not None else None
-            preds = label_logits.argmax(-1) if labels is not None else None
-            scores = label_logits.float().softmax(-1) if labels is not None else None  # over the labels: the ROC AUC's
+            preds = scores = None
+            if labels is not None:
+                label_logits = answer_logits[:, self._label_ids]
+                preds, scores = label_logits.argmax(-1), label_logits.float().softmax(-1)  # scores: for the ROC AUC
             self.metrics[split][str(k)].update(nll, counts, b.prompt_tokens, b.merged_tokens, preds, labels, b.adapted_tokens, scores)
         if "base" in self.metrics[split]:  # the bare base on the uncompressed prompt: what merging is measured against
             b = self.model.build_batch(prompt_ids, 1, target_ids, unscored, kept)
