@@ -74,18 +74,16 @@ read_fit = $(if $(strip $(READ)),$(BIN)/ktm fit --exp $(READ) --run default --re
 task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2)$(TASK_READ_TAG) --reuse $(1)$(INIT_ARGS)$(if \
   $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS))$(3) &&)
 start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)$(TASK_READ_TAG)/export,$(INIT_ARGS))
-# $(call per_seed,RUN,EXTRA): fit_test into RUN_s<seed> for each of $(SEEDS), seeding both Lightning and the
-# data, each from its own TASK_READ run where there is one (else from READ).
-per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s}) \
-  $(call fit_test,$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done
+# $(call per_seed,RUN,EXTRA[,STEP,CHECK]): STEP (default fit_test) into RUN_s<seed> for each of $(SEEDS), seeding both
+# Lightning and the data, each from its own TASK_READ run where there is one (else from READ); CHECK goes to that fit.
+per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s},$(4)) \
+  $(call $(or $(3),fit_test),$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done
 # $(call preflight,RUN,EXTRA): every fit make train/reference is about to run (READ, TASK_READ and the task, per seed),
 # given --check first: settings, benchmark options and run folders, seconds each, nothing loaded. A mistake in the
 # task's config or a task run folder that is taken fails at once, not after the reading stages (up to 40 minutes).
 task_check = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) --check
-preflight = $(if $(strip $(READ)),$(call read_fit, --check) &&) $(if $(strip $(SEEDS)),for s in $(SEEDS); do \
-  $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s}, --check) \
-  $(call task_check,$(1)_s$$s,$(2)$(call start_args,seed$${s}) --seed_everything=$$s --data.seed=$$s) || exit 1; done,$(call \
-  task_read,,default, --check) $(call task_check,$(1),$(2)$(call start_args,default)))
+preflight = $(if $(strip $(READ)),$(call read_fit, --check) &&) $(if $(strip $(SEEDS)),$(call \
+  per_seed,$(1),$(2),task_check, --check),$(call task_read,,default, --check) $(call task_check,$(1),$(2)$(call start_args,default)))
 
 .PHONY: install constraints reading train reference test test-fast lint bench sweep compare tensorboard data clean-runs
 

@@ -287,9 +287,9 @@ def check_parsed_settings(cfg) -> None:
     value fails in a second with one line, not after the base model has been loaded."""
     check_name(cfg.experiment, "--experiment")  # the run folder stays inside --root
     check_name(cfg.run, "--run")
-    check_data_args(**cfg.data.as_dict())
-    args = cfg.data.benchmark_args
-    get_benchmark(cfg.data.benchmark, seed=cfg.data.seed, **(args.as_dict() if isinstance(args, Namespace) else args or {}))  # reads no data
+    data = cfg.data.as_dict()
+    check_data_args(**data)
+    get_benchmark(data["benchmark"], seed=data["seed"], **(data["benchmark_args"] or {}))  # reads no data
     m = cfg.model
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
