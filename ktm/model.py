@@ -13,7 +13,9 @@ under `budget` (ktm.policy) each window of the body gets its own K by content, a
 
 Sequences of a batch are then left-padded with zero vectors at the *sequence* level; pad positions are
 masked out of attention and position ids count real positions only, so an example gives the same
-result alone or in any batch. The target (answer) stays in normal tokens; the loss is only on it.
+result alone or in any batch. With `merged_positions: spread` a merged embedding takes the position of its
+block's last token in the uncompressed prompt instead (0..n-1 spaced K apart over the blocks), and the answer
+follows at n, n+1, ...: the base sees the rotary distances of the text it would have read. The target (answer) stays in normal tokens; the loss is only on it.
 Generation prefills on the merged prompt once and then decodes with the KV cache.
 
 No Lightning here: serving and notebooks use this module directly.
@@ -50,7 +52,12 @@ FORMAT_VERSION = 1
 # Settings an export or checkpoint from before the setting existed lacks, with the value it then had (every reader
 # of ktm.json and of checkpoint metadata takes a missing key from here: from_pretrained, init_from, resume).
 UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper",
-              "long_prompt_policy": "error", "merge_policy": "fixed", "segment_tokens": 16, "policy_score": "surprisal"}
+              "long_prompt_policy": "error", "merge_policy": "fixed", "segment_tokens": 16, "policy_score": "surprisal",
+              "merged_positions": "compact"}
+# model.merged_positions: where the base sees each merged embedding. "compact" (the paper): the merged sequence is
+# counted 0, 1, 2, ... "spread": at the position of its block's last token in the uncompressed prompt (kept tokens and
+# the answer at their own), so the base's rotary distances are those of the uncompressed text (build_batch).
+MERGED_POSITIONS = ("compact", "spread")
 
 
 def with_unrecorded(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,7 +113,8 @@ def _number(x) -> bool:
 
 def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=None, long_prompt_policy="error",
                    lora: "LoraSettings | None" = None, encoder_bound=1.0, compressor="merge", keep_marked=False,
-                   merge_policy="fixed", segment_tokens=16, policy_score="surprisal", encoder_shape="paper") -> list[int]:
+                   merge_policy="fixed", segment_tokens=16, policy_score="surprisal", encoder_shape="paper",
+                   merged_positions="compact") -> list[int]:
     """Validate what a KTMModel is built from before any weights are loaded; return the sorted K values.
 
     Called by from_base before the base is loaded, so a bad config fails in a second, not after a download.
@@ -130,6 +138,10 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
     if encoder_shape not in SHAPES:
         raise KTMError(f"model.encoder_shape must be one of {', '.join(SHAPES)}, got {encoder_shape!r}",
                        "use paper (the paper's three layers) or shallow (two layers, no middle K*d layer)")
+    if merged_positions not in MERGED_POSITIONS:
+        raise KTMError(f"model.merged_positions must be one of {', '.join(MERGED_POSITIONS)}, got {merged_positions!r}",
+                       "use compact (the paper: the merged sequence counted 0, 1, 2, ...) or spread (each merged embedding at "
+                       "its block's last token's position in the uncompressed prompt)")
     if encoder_bound is not None and (not _number(encoder_bound) or encoder_bound <= 0):
         raise KTMError(f"model.encoder_bound must be a number > 0 or null, got {encoder_bound!r}",
                        "set it to 1.0 (correction at most the block mean's norm), or null for the paper's unbounded encoder")
@@ -256,7 +268,7 @@ def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> boo
 
 
 _SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
-             "keep_marked", "merge_policy", "segment_tokens", "policy_score", "encoder_shape")
+             "keep_marked", "merge_policy", "segment_tokens", "policy_score", "encoder_shape", "merged_positions")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -336,10 +348,11 @@ class KTMModel(nn.Module):
         segment_tokens: int = 16,
         policy_score: str = "surprisal",
         encoder_shape: str = "paper",
+        merged_positions: str = "compact",
     ):
         super().__init__()
         ks = check_settings(ks, keep_tail, encoder_multiplier, max_prompt_tokens, long_prompt_policy, lora, encoder_bound, compressor,
-                            keep_marked, merge_policy, segment_tokens, policy_score, encoder_shape)
+                            keep_marked, merge_policy, segment_tokens, policy_score, encoder_shape, merged_positions)
         from ktm.compressors import get_compressor
 
         self.compressor = get_compressor(compressor)  # what build_batch feeds the LM (ktm.compressors); "merge" = the method
@@ -350,6 +363,7 @@ class KTMModel(nn.Module):
         # segment_tokens by the windows' scores, at the step's K on average). Not part of the trained weights.
         self.merge_policy, self.segment_tokens = merge_policy, segment_tokens
         self.token_scores = TokenScores(policy_score)
+        self.merged_positions = merged_positions  # MERGED_POSITIONS: where the base sees a merged embedding (build_batch)
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.lora_settings = lora if lora is not None and lora.r > 0 else None
         self.encoder_multiplier, self.encoder_bound, self.encoder_shape = encoder_multiplier, encoder_bound, encoder_shape
@@ -590,7 +604,7 @@ class KTMModel(nn.Module):
         lengths = [len(p) for p in prompt_ids]
         kept = _check_kept(kept, lengths)
         policy = self.merge_policy if policy is None else policy
-        adapted = None
+        adapted, runs = None, None
         if self.compressor.name == "merge" and policy == "budget" and k > 1:
             runs = self.layouts(prompt_ids, k, kept, policy)
             prompts = self._merge_runs(prompt_ids, runs)
@@ -601,6 +615,7 @@ class KTMModel(nn.Module):
             emb, layouts, blocks = self._blocks(prompt_ids, k, kept)
             merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
             prompts = [(emb[i, :h], merged[i], emb[i, n - t : n]) for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts))]
+            runs = [((h, 1), (m * k, k), (t, 1)) for h, m, t in layouts]
         else:  # a baseline (ktm.compressors): one (L_i, d) piece per prompt, padded and masked as below
             prompts = [(e,) for e in self.compressor.embeddings(self, prompt_ids, k, kept)]
         p_lens = [sum(piece.shape[0] for piece in pieces) for pieces in prompts]
@@ -626,6 +641,9 @@ class KTMModel(nn.Module):
         starts = torch.tensor([seq_len - s for s in seq_lens], device=device)
         mask = (torch.arange(seq_len, device=device) >= starts[:, None]).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.merged_positions == "spread" and runs is not None and k > 1:  # a baseline's tokens stay compact
+            for i, layout in enumerate(runs):
+                positions[i, seq_len - seq_lens[i] :] = torch.tensor(runs_teacher_positions(layout, t_lens[i]), device=device)
         targets = None
         if target_ids is not None:
             t_max = max(len(t) for t in target_ids)
@@ -908,6 +926,7 @@ class KTMModel(nn.Module):
             "merge_policy": self.merge_policy,
             "segment_tokens": self.segment_tokens,
             "policy_score": self.token_scores.score,
+            "merged_positions": self.merged_positions,
         }
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -977,7 +996,8 @@ class KTMModel(nn.Module):
                    encoder_multiplier=meta.get("encoder_multiplier"), encoder_bound=meta["encoder_bound"], base_name=meta["base"], base_fingerprint=fp,
                    max_prompt_tokens=meta.get("max_prompt_tokens"), long_prompt_policy=meta["long_prompt_policy"],
                    compressor=meta["compressor"], keep_marked=meta["keep_marked"], merge_policy=meta["merge_policy"],
-                   segment_tokens=meta["segment_tokens"], policy_score=meta["policy_score"], encoder_shape=meta["encoder_shape"])
+                   segment_tokens=meta["segment_tokens"], policy_score=meta["policy_score"], encoder_shape=meta["encoder_shape"],
+                   merged_positions=meta["merged_positions"])
         if lora is not None:
             from peft import PeftModel
 

@@ -321,6 +321,52 @@ def test_pads_are_masked_and_positions_count_real_tokens(tiny):
     assert torch.count_nonzero(b.inputs_embeds[0, :2]) == 0  # pad positions carry nothing
 
 
+@pytest.mark.parametrize("k, kept, expected", [
+    (4, [0, 0], [[0, 0, 1, 2, 3], [0, 1, 5, 9, 10]]),  # "ab": head 2 + answer; "abcdefghij": head 2, blocks end at 5 and 9
+    (2, [0, 0], [[0, 0, 0, 1, 2, 3], [1, 3, 5, 7, 9, 10]]),
+    (4, [0, 3], [[0, 0, 0, 0, 0, 1, 2, 3], [0, 1, 2, 6, 7, 8, 9, 10]]),  # a kept span of 3: head 3, one block, 3 kept tokens
+    (1, [0, 0], [[0] * 8 + [0, 1, 2, 3], list(range(11)) + [0]]),  # no merging: the compact positions (checked below)
+])
+def test_spread_positions_are_each_merged_blocks_last_token_in_the_uncompressed_prompt(tiny, k, kept, expected):
+    ids = tiny.tokenize_prompts(["ab", "abcdefghij"])
+    targets = [[5, 6], [7]]
+    compact = tiny.build_batch(ids, k, targets, kept=kept)
+    tiny.merged_positions = "spread"
+    b = tiny.build_batch(ids, k, targets, kept=kept)
+    if k == 1:
+        assert torch.equal(b.position_ids, compact.position_ids)
+        return
+    assert b.position_ids.tolist() == expected  # left padding at 0, as in the compact layout
+    assert torch.equal(b.inputs_embeds, compact.inputs_embeds) and torch.equal(b.attention_mask, compact.attention_mask)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_spread_positions_keep_a_batch_equal_to_its_examples_and_generation_to_single_prompts(tiny, k):
+    tiny.merged_positions = "spread"
+    ids = tiny.tokenize_prompts(PROMPTS)
+    together = tiny.forward(tiny.build_batch(ids, k), logits_to_keep=1).logits[:, -1]
+    for i, p in enumerate(ids):
+        alone = tiny.forward(tiny.build_batch([p], k), logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-4, rtol=1e-4)
+    calls = []
+    handle = tiny.lm.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["position_ids"][:, -1].tolist()), with_kwargs=True)
+    batched = tiny.generate_ids(ids[:3], k=k, max_new_tokens=3)
+    handle.remove()
+    assert calls[1] == [len(p) for p in ids[:3]]  # the first decoded token sits where it would after the uncompressed prompt
+    assert [r[:3] for r in batched] == [tiny.generate_ids([p], k=k, max_new_tokens=3)[0] for p in ids[:3]]
+
+
+def test_merged_positions_round_trip_through_an_export_and_a_bad_value_is_one_line(tiny, tmp_path):
+    tiny.merged_positions = "spread"
+    loaded = KTMModel.from_pretrained(tiny.save(tmp_path / "export"))
+    assert loaded.merged_positions == "spread"
+    ids = tiny.tokenize_prompts(PROMPTS)
+    torch.testing.assert_close(tiny.forward(tiny.build_batch(ids, 4), logits_to_keep=1).logits,
+                               loaded.forward(loaded.build_batch(ids, 4), logits_to_keep=1).logits)
+    with pytest.raises(KTMError, match="model.merged_positions must be one of compact, spread, got 'stretch'"):
+        KTMModel.from_base("config:tiny-llama", ks=[4], merged_positions="stretch")
+
+
 def test_blocks_never_contain_padding(tiny):
     """Every block that reaches the encoder holds only real token embeddings of its own prompt."""
     seen = []

@@ -142,6 +142,16 @@ def test_a_budget_batch_mixes_ks_and_gives_each_example_its_result_alone(budget)
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_spread_positions_of_a_budget_layout_are_each_blocks_last_token(budget):
+    budget.token_scores, budget.merged_positions = RepeatScores(), "spread"
+    ids = budget.tokenize_prompts(PROMPTS)
+    targets = budget.tokenize_targets(["x", "y", "z"])
+    batch = budget.build_batch(ids, 4, targets)
+    for i, runs in enumerate(budget.layouts(ids, 4)):
+        real = batch.position_ids[i, batch.attention_mask[i].bool()].tolist()
+        assert real == runs_teacher_positions(runs, len(targets[i])) and real[-1] == len(ids[i]) + len(targets[i]) - 1
+
+
 def test_surprisal_decides_the_layout_and_random_is_another(budget):
     ids = budget.tokenize_prompts(PROMPTS[:1])
     scores = budget.token_scores(budget, ids[0])

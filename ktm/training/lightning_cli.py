@@ -295,7 +295,8 @@ def check_parsed_settings(cfg) -> None:
     task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
     check_monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, m.ks, m.eval_ks, task)  # the checkpoint group is always parsed
     check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
-                   m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape)
+                   m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape,
+                   m.merged_positions)
 
 
 def check_validation_cadence(trainer) -> None:

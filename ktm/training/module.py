@@ -50,6 +50,7 @@ class KTMModule(L.LightningModule):
         encoder_multiplier: float | None = None,
         encoder_bound: float | None = 1.0,
         encoder_shape: str = "paper",
+        merged_positions: str = "compact",
         compressor: str = "merge",
         max_prompt_tokens: int | None = None,
         long_prompt_policy: str = "error",
@@ -133,6 +134,9 @@ class KTMModule(L.LightningModule):
             merge_policy: how K spreads over a prompt (ktm.policy): "fixed" (one K, the paper) or "budget" (each
                 window of segment_tokens gets a K of ks by its content score, at the step's K on average).
                 Validation, test and the export use it; training mixes it with fixed (budget_share).
+            merged_positions: where the base sees each merged embedding: "compact" (the paper: the merged
+                sequence counted 0, 1, 2, ...) or "spread" (at its block's last token's position in the uncompressed
+                prompt, so rotary distances are those of the uncompressed text; ktm.model.build_batch).
             segment_tokens: the budget policy's window in tokens (a multiple of every K of ks).
             policy_score: what ranks the budget policy's windows: "surprisal" (mean surprisal under the frozen
                 base: dense text merges less) or "random" (the control).
@@ -179,7 +183,7 @@ class KTMModule(L.LightningModule):
         lora_settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
         self.model = KTMModel.from_base(
             base, dtype=dtype, ks=ks, keep_tail=keep_tail, lora=lora_settings, encoder_multiplier=encoder_multiplier, encoder_bound=encoder_bound,
-            encoder_shape=encoder_shape, compressor=compressor, keep_marked=keep_marked, merge_policy=merge_policy, segment_tokens=segment_tokens,
+            encoder_shape=encoder_shape, merged_positions=merged_positions, compressor=compressor, keep_marked=keep_marked, merge_policy=merge_policy, segment_tokens=segment_tokens,
             policy_score=policy_score, max_prompt_tokens=max_prompt_tokens, long_prompt_policy=long_prompt_policy)
         if encoder_lrs:  # K without an encoder here are ignored, so `--model.ks=[1,2]` works on a {2:.., 4:..} config
             missing = [k for k in self.model.ks if k > 1 and k not in encoder_lrs]
