@@ -182,6 +182,7 @@ def test_check_share_is_the_one_rule_for_shares(value, ok):
     ("--model.encoder_multiplier=0.1", "model.encoder_multiplier=0.1 gives the K=4 merge encoder no hidden units (int(0.1*4) = 0)"),
     ("--model.encoder_multiplier=-1", "model.encoder_multiplier must be a number > 0, got -1.0"),
     ("--model.encoder_shape=deep", "model.encoder_shape must be one of paper, shallow, got 'deep'"),
+    ("--model.merged_positions=stretched", "model.merged_positions must be one of compact, spread, got 'stretched'"),
     ("--model.ks=[100000]", "model.ks has K=100000: its merge encoder would have"),
     ("--model.keep_tail=-1", "keep_tail must be a whole number >= 0, got -1"),
     ("--model.lr_lora=-0.1", "model.lr_lora must be a number >= 0, got -0.1"),

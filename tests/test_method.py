@@ -365,6 +365,9 @@ def test_merged_positions_round_trip_through_an_export_and_a_bad_value_is_one_li
                                loaded.forward(loaded.build_batch(ids, 4), logits_to_keep=1).logits)
     with pytest.raises(KTMError, match="model.merged_positions must be one of compact, spread, got 'stretch'"):
         KTMModel.from_base("config:tiny-llama", ks=[4], merged_positions="stretch")
+    from ktm.training.module import KTMModule
+
+    assert KTMModule(base="config:tiny-llama", ks=[1, 4], merged_positions="spread").model.merged_positions == "spread"
 
 
 def test_blocks_never_contain_padding(tiny):
