@@ -39,7 +39,7 @@ from torch import nn
 from ktm.encoder import SHAPES, MergeEncoder, encoder_parameters
 from ktm.errors import KTMError, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
-from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, moved_tokens, runs_teacher_positions
+from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, layout_runs, moved_tokens, runs_teacher_positions
 
 log = logging.getLogger("ktm")
 # peft imports bitsandbytes when installed (lightning[extra] pulls it in); on CPUs with AVX512-BF16 it warns
@@ -615,7 +615,7 @@ class KTMModel(nn.Module):
             emb, layouts, blocks = self._blocks(prompt_ids, k, kept)
             merged = encoder(blocks).to(emb.dtype).split([m for _, m, _ in layouts])
             prompts = [(emb[i, :h], merged[i], emb[i, n - t : n]) for i, (n, (h, m, t)) in enumerate(zip(lengths, layouts))]
-            runs = [((h, 1), (m * k, k), (t, 1)) for h, m, t in layouts]
+            runs = [layout_runs(h, m, t, k) for h, m, t in layouts]
         else:  # a baseline (ktm.compressors): one (L_i, d) piece per prompt, padded and masked as below
             prompts = [(e,) for e in self.compressor.embeddings(self, prompt_ids, k, kept)]
         p_lens = [sum(piece.shape[0] for piece in pieces) for pieces in prompts]

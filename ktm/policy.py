@@ -71,7 +71,11 @@ def fixed_runs(n: int, k: int, keep_tail: int = 0, kept: int = 0) -> Runs:
     """ktm.model.block_layout as runs (empty runs left out)."""
     from ktm.model import block_layout
 
-    head, blocks, tail = block_layout(n, k, keep_tail, kept)
+    return layout_runs(*block_layout(n, k, keep_tail, kept), k)
+
+
+def layout_runs(head: int, blocks: int, tail: int, k: int) -> Runs:
+    """A (head, blocks, tail) layout of ktm.model.block_layout as runs (empty runs left out)."""
     return [r for r in ((head, 1), (blocks * k, k), (tail, 1)) if r[0]]
 
 
