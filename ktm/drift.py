@@ -26,7 +26,7 @@ from ktm.benchmarks.reading import TEXT_SUFFIXES
 from ktm.errors import KTMError, OneLineParser, check_count
 from ktm.io import read_json, read_jsonl, write_json
 from ktm.metrics import paired_ppl_ratio
-from ktm.policy import POLICIES, SCORES, TokenScores
+from ktm.policy import MERGED_POSITIONS, POLICIES, SCORES, TokenScores
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
@@ -87,7 +87,8 @@ def drift_table(result: dict, max_drift: float) -> str:
         lines.append(f"| {r['k']} | {r.get('policy', 'fixed')} | {r['prefix_positions']:.1f} | {r['texts']} | {r['tokens']} "
                      f"| {r['ppl_uncompressed']:.3f} | {r['ppl_merged']:.3f} | {r['drift']:+.2%} | {status} |")
     p, c = result["prefix_tokens"], result["continuation_tokens"]
-    lines += ["", f"{result['texts']} texts scored: each one's first {p} tokens are the prompt (merged at K; uncompressed: the "
+    where = result.get("merged_positions", "compact")
+    lines += ["", f"{result['texts']} texts scored: each one's first {p} tokens are the prompt (merged at K, {where} positions; uncompressed: the "
                   f"same checkpoint at K=1), its next {c} tokens are scored; {result['skipped']} skipped (shorter than {p + c} "
                   f"tokens). drift = ppl merged / ppl uncompressed - 1; ABOVE when over {max_drift:.2%}."]
     return "\n".join(lines)
@@ -163,6 +164,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-tail", type=int, default=None,
                    help="leave the last N prefix tokens unmerged (default: the checkpoint's keep_tail), e.g. to compare "
                         "a budget policy with keeping the end of the prompt in tokens at the same length")
+    p.add_argument("--merged-positions", default=None, choices=MERGED_POSITIONS,
+                   help="where the base sees each merged embedding (default: the checkpoint's; README, the method in the code)")
     a = p.parse_args(argv)
     if not math.isfinite(a.max_drift):
         raise KTMError(f"--max-drift must be a finite number, got {a.max_drift}", "pass e.g. --max-drift 0.08 (8%)")
@@ -183,6 +186,8 @@ def main(argv: list[str]) -> int:
         model.segment_tokens = a.segment_tokens  # checked with the policies, in drift()
     if a.policy_score is not None:
         model.token_scores = TokenScores(a.policy_score)
+    if a.merged_positions is not None:
+        model.merged_positions = a.merged_positions
     with tqdm(desc="ktm eval", unit="text", file=sys.stderr, mininterval=1.0) as bar:
         def step(n: int, total: int) -> None:
             bar.total = total

@@ -39,7 +39,8 @@ from torch import nn
 from ktm.encoder import SHAPES, MergeEncoder, encoder_parameters
 from ktm.errors import KTMError, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
-from ktm.policy import TokenScores, budget_runs, check_policy, fixed_runs, layout_runs, moved_tokens, runs_teacher_positions
+from ktm.policy import (MERGED_POSITIONS, TokenScores, budget_runs, check_policy, fixed_runs, layout_runs, moved_tokens,
+                        runs_teacher_positions)
 
 log = logging.getLogger("ktm")
 # peft imports bitsandbytes when installed (lightning[extra] pulls it in); on CPUs with AVX512-BF16 it warns
@@ -54,10 +55,6 @@ FORMAT_VERSION = 1
 UNRECORDED = {"encoder_bound": None, "compressor": "merge", "keep_marked": False, "encoder_shape": "paper",
               "long_prompt_policy": "error", "merge_policy": "fixed", "segment_tokens": 16, "policy_score": "surprisal",
               "merged_positions": "compact"}
-# model.merged_positions: where the base sees each merged embedding. "compact" (the paper): the merged sequence is
-# counted 0, 1, 2, ... "spread": at the position of its block's last token in the uncompressed prompt (kept tokens and
-# the answer at their own), so the base's rotary distances are those of the uncompressed text (build_batch).
-MERGED_POSITIONS = ("compact", "spread")
 
 
 def with_unrecorded(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -1084,7 +1081,8 @@ class KTMModel(nn.Module):
                  "drift": ppl[side[policy, k]] / ppl["uncompressed"] - 1}
                 for policy, k in cells]
         return {"texts": len(prompts), "skipped": skipped, "tokens": tokens, "prefix_tokens": prefix_tokens,
-                "continuation_tokens": continuation_tokens, "compressor": kept.name, "ppl_uncompressed": ppl["uncompressed"],
+                "continuation_tokens": continuation_tokens, "compressor": kept.name, "merged_positions": self.merged_positions,
+                "ppl_uncompressed": ppl["uncompressed"],
                 "per_k": rows, "nll_per_text": nll}
 
 

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 POLICIES = ("fixed", "budget")  # model.merge_policy
 SCORES = ("surprisal", "random")  # model.policy_score
+# model.merged_positions: where the base sees each merged embedding. "compact" (the paper): the merged sequence is
+# counted 0, 1, 2, ... "spread": at the position of its block's last token in the uncompressed prompt, kept tokens and
+# the answer at their own (runs_teacher_positions), so rotary distances are those of the uncompressed text.
+MERGED_POSITIONS = ("compact", "spread")
 Runs = list[tuple[int, int]]
 
 

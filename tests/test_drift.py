@@ -125,6 +125,24 @@ def test_cli_checks_each_merge_policy(model, export, data, tmp_path, capsys):
     assert "model.segment_tokens=6 is not a multiple of K=4" in capsys.readouterr().err
 
 
+def test_cli_reads_the_merged_prompt_at_either_position_layout(model, export, data, tmp_path, capsys):
+    out = tmp_path / "drift.json"
+    args = ["eval", "--ckpt", str(export), "--data", str(data), "--ks", "4", "--max-drift", "1e9", *CLI_WINDOW, "--json", str(out)]
+    assert main([*args, "--merged-positions", "spread"]) == 0
+    written = json.loads(out.read_text())
+    assert written["merged_positions"] == "spread" and "spread positions" in capsys.readouterr().out
+    model.merged_positions = "spread"
+    try:
+        spread = model.drift(TEXTS, ks=[4], **WINDOW)["per_k"][0]
+    finally:
+        model.merged_positions = "compact"
+    compact = model.drift(TEXTS, ks=[4], **WINDOW)["per_k"][0]
+    assert written["per_k"][0]["ppl_merged"] == pytest.approx(spread["ppl_merged"], rel=1e-9) != compact["ppl_merged"]
+    assert written["per_k"][0]["ppl_uncompressed"] == pytest.approx(compact["ppl_uncompressed"], rel=1e-9)  # K=1 has no blocks
+    assert main([*args, "--merged-positions", "stretched"]) == 2
+    assert "--merged-positions" in capsys.readouterr().err
+
+
 def test_versus_compares_two_evaluations_of_the_same_windows(export, data, tmp_path, capsys):
     first, second, third = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
     base = ["eval", "--ckpt", str(export), "--data", str(data), "--max-drift", "1e9", *CLI_WINDOW]
