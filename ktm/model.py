@@ -15,8 +15,9 @@ Sequences of a batch are then left-padded with zero vectors at the *sequence* le
 masked out of attention and position ids count real positions only, so an example gives the same
 result alone or in any batch. With `merged_positions: spread` a merged embedding takes the position of its
 block's last token in the uncompressed prompt instead (0..n-1 spaced K apart over the blocks), and the answer
-follows at n, n+1, ...: the base sees the rotary distances of the text it would have read. The target (answer) stays in normal tokens; the loss is only on it.
-Generation prefills on the merged prompt once and then decodes with the KV cache.
+follows at n, n+1, ...: the base sees the rotary distances of the text it would have read. The target
+(answer) stays in normal tokens; the loss is only on it. Generation prefills on the merged prompt once and
+then decodes with the KV cache.
 
 No Lightning here: serving and notebooks use this module directly.
 """
