@@ -120,6 +120,15 @@ def test_init_from_loads_lora_and_encoders_bit_exactly(tmp_path):
     assert torch.equal(via_config.model.encoders["4"].mlp[-1].weight, src.model.encoders["4"].mlp[-1].weight)
 
 
+def test_init_from_says_when_the_merged_positions_change(tmp_path, caplog):
+    _, folder = _export(tmp_path)
+    spread = _module()
+    spread.model.merged_positions = "spread"
+    with caplog.at_level("INFO", logger="ktm"):
+        assert load_trained_weights(spread.model, folder) == [4]
+    assert f"model.init_from {folder} read merged blocks at compact positions; this run reads them at spread" in caplog.text
+
+
 def test_init_from_refuses_another_k_another_lora_shape_and_another_base(tmp_path):
     _, folder = _export(tmp_path)
     with pytest.raises(KTMError, match="no merge encoder for K=\\[2\\]"):

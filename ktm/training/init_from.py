@@ -7,6 +7,7 @@ run. Anything else is one clear line before a single weight is touched.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from ktm.errors import KTMError
 from ktm.io import read_json, verify
 from ktm.model import KTMModel, with_unrecorded
 
+log = logging.getLogger("ktm")
 
 def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     fix = "start from an export of a run with the same model.base, model.lora and merge encoders, or drop model.init_from"
@@ -34,6 +36,9 @@ def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     if missing:
         raise KTMError(f"model.init_from {directory} has no merge encoder for K={missing} (it has K={meta.get('ks')})",
                        "start from an export trained with those K, or remove them from model.ks")
+    if meta["merged_positions"] != model.merged_positions:  # the weights fit; what they learnt to read moves
+        log.info("model.init_from %s read merged blocks at %s positions; this run reads them at %s (model.merged_positions)",
+                 directory, meta["merged_positions"], model.merged_positions)
     return [k for k in model.ks if k > 1]
 
 
