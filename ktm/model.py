@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ktm.encoder import SHAPES, MergeEncoder, encoder_parameters
-from ktm.errors import KTMError, check_count
+from ktm.errors import KTMError, check_choice, check_count
 from ktm.io import SIDECAR, atomic_dir, interrupted_save, read_json, sha256_file, text_size, verify, write_bytes, write_json, write_text
 from ktm.policy import (MERGED_POSITIONS, TokenScores, budget_runs, check_policy, fixed_runs, layout_runs, moved_tokens,
                         runs_teacher_positions)
@@ -133,13 +133,10 @@ def check_settings(ks, keep_tail=0, encoder_multiplier=None, max_prompt_tokens=N
         if bad:
             raise KTMError(f"model.encoder_multiplier={f} gives the K={bad[0]} merge encoder no hidden units (int({f}*{bad[0]}) = 0)",
                            f"use encoder_multiplier >= {1 / bad[0]:g}, or null for the paper's rule")
-    if encoder_shape not in SHAPES:
-        raise KTMError(f"model.encoder_shape must be one of {', '.join(SHAPES)}, got {encoder_shape!r}",
-                       "use paper (the paper's three layers) or shallow (two layers, no middle K*d layer)")
-    if merged_positions not in MERGED_POSITIONS:
-        raise KTMError(f"model.merged_positions must be one of {', '.join(MERGED_POSITIONS)}, got {merged_positions!r}",
-                       "use compact (the paper: the merged sequence counted 0, 1, 2, ...) or spread (each merged embedding at "
-                       "its block's last token's position in the uncompressed prompt)")
+    check_choice("model.encoder_shape", encoder_shape, SHAPES, "use paper (the paper's three layers) or shallow (two layers, no middle K*d layer)")
+    check_choice("model.merged_positions", merged_positions, MERGED_POSITIONS,
+                 "use compact (the paper: the merged sequence counted 0, 1, 2, ...) or spread (each merged embedding at "
+                 "its block's last token's position in the uncompressed prompt)")
     if encoder_bound is not None and (not _number(encoder_bound) or encoder_bound <= 0):
         raise KTMError(f"model.encoder_bound must be a number > 0 or null, got {encoder_bound!r}",
                        "set it to 1.0 (correction at most the block mean's norm), or null for the paper's unbounded encoder")
@@ -265,8 +262,9 @@ def same_lora_targets(base_name: str, a: Sequence[str], b: Sequence[str]) -> boo
     return lora_target_paths(skeleton, a) == lora_target_paths(skeleton, b)
 
 
-_SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
-             "keep_marked", "merge_policy", "segment_tokens", "policy_score", "encoder_shape", "merged_positions")
+# check_settings' arguments by name: what from_base and the parsed-config check (ktm.training.lightning_cli) pass it
+SETTINGS = ("ks", "keep_tail", "encoder_multiplier", "max_prompt_tokens", "long_prompt_policy", "lora", "encoder_bound", "compressor",
+            "keep_marked", "merge_policy", "segment_tokens", "policy_score", "encoder_shape", "merged_positions")
 MAX_ENCODER_PARAMS = 100_000_000  # an encoder may always be this big...
 MAX_ENCODER_TO_BASE = 4  # ...or up to 4x the base model; beyond, a K is a typo that would exhaust memory
 
@@ -409,7 +407,7 @@ class KTMModel(nn.Module):
     def from_base(cls, base: str = "smollm2-135m", dtype: str = "float32", **kwargs) -> "KTMModel":
         from ktm.base import base_fingerprint, load_base
 
-        check_settings(**{"ks": (4,), **{k: v for k, v in kwargs.items() if k in _SETTINGS}})  # fail before loading weights
+        check_settings(**{"ks": (4,), **{k: v for k, v in kwargs.items() if k in SETTINGS}})  # fail before loading weights
         model, tokenizer, resolved = load_base(base, dtype)
         return cls(model, tokenizer, base_name=base, base_fingerprint=base_fingerprint(resolved), **kwargs)
 

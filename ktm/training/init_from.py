@@ -18,6 +18,7 @@ from ktm.model import KTMModel, with_unrecorded
 
 log = logging.getLogger("ktm")
 
+
 def _check(meta: dict, model: KTMModel, directory: Path) -> list[int]:
     fix = "start from an export of a run with the same model.base, model.lora and merge encoders, or drop model.init_from"
     if meta.get("base_fingerprint") != model.base_fingerprint:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ktm.benchmarks import REGISTRY, get_benchmark
 from ktm.errors import Interrupted, KTMError, parser_error
 from ktm.io import load_torch, save_torch, write_text
-from ktm.model import LoraSettings, check_settings
+from ktm.model import SETTINGS, LoraSettings, check_settings
 from ktm.training.checkpointing import KTMModelCheckpoint, check_monitor
 from ktm.training.callbacks import (EpochLog, ReleaseFreedMemory, ResumableRNG, RunOutputs, SaveOnInterrupt, Throughput,
                                    ValidateAtMaxSteps, run_dir)
@@ -294,9 +294,7 @@ def check_parsed_settings(cfg) -> None:
     lora = m.lora if isinstance(m.lora, LoraSettings) else LoraSettings(**m.lora.as_dict()) if m.lora is not None else None
     task = getattr(REGISTRY.get(cfg.data.benchmark), "task", None)
     check_monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, m.ks, m.eval_ks, task)  # the checkpoint group is always parsed
-    check_settings(m.ks, m.keep_tail, m.encoder_multiplier, m.max_prompt_tokens, m.long_prompt_policy, lora, m.encoder_bound, m.compressor,
-                   m.keep_marked, m.merge_policy, m.segment_tokens, m.policy_score, m.encoder_shape,
-                   m.merged_positions)
+    check_settings(**{name: lora if name == "lora" else m[name] for name in SETTINGS})
 
 
 def check_validation_cadence(trainer) -> None:
