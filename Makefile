@@ -52,9 +52,17 @@ TASK_READ_ARGS_DEFAULT_tree_k1248 := '--model.ks=[1,2,4,8]'
 TASK_READ_TAG_DEFAULT_tree_k1248 := _k1248
 TASK_READ_ARGS ?= $(TASK_READ_ARGS_DEFAULT_$(EXP))
 TASK_READ_TAG  ?= $(TASK_READ_TAG_DEFAULT_$(EXP))
+# POSITIONS: where every stage of the chain (READ, TASK_READ and the task) puts the merged embeddings, as
+# model.merged_positions: compact (the paper's, the default) or spread (each at its block's last token's position in the
+# uncompressed prompt; README Results "Merged embeddings at their source positions"). A stage learns the layout it
+# reads, so spread goes to all of them, and its reading runs are named apart (default_spread, seed<seed>_spread).
+POSITIONS  ?= compact
+$(if $(filter-out compact spread,$(POSITIONS)),$(error POSITIONS=$(POSITIONS) is not a layout: use POSITIONS=compact or POSITIONS=spread))
+POS_ARGS   := $(if $(filter spread,$(POSITIONS)), --model.merged_positions=spread)
+POS_TAG    := $(if $(filter spread,$(POSITIONS)),_spread)
 BIN        := $(VENV)/bin
 RUN_DIR    := checkpoints/$(EXP)/$(RUN)
-READ_DIR   := checkpoints/$(READ)/default
+READ_DIR   := checkpoints/$(READ)/default$(POS_TAG)
 INIT_ARGS  := $(if $(strip $(READ)), --model.init_from=$(READ_DIR)/export)
 # The fair uncompressed reference: the same experiment and budget, trained at K=1 only. One encoder lr
 # (unused at K=1) because a per-K dict in the experiment would name encoders that no longer exist.
@@ -66,14 +74,14 @@ fit_test_exp = $(BIN)/ktm fit --exp $(1) --run $(2) $(3) && \
   $(BIN)/ktm test --config checkpoints/$(1)/$(2)/config.yaml
 # $(call fit_test,RUN,EXTRA): the same for $(EXP), with $(ARGS) after EXTRA (ARGS wins). ARGS is not a call
 # argument since its commas ([1,2]) would split it.
-fit_test = $(call fit_test_exp,$(EXP),$(1),$(2) $(ARGS))
-# $(call read_fit,CHECK): READ's reading fit into checkpoints/$(READ)/default (reused once made); nothing without READ.
-read_fit = $(if $(strip $(READ)),$(BIN)/ktm fit --exp $(READ) --run default --reuse$(1))
+fit_test = $(call fit_test_exp,$(EXP),$(1),$(2)$(POS_ARGS) $(ARGS))
+# $(call read_fit,CHECK): READ's reading fit into checkpoints/$(READ)/default$(POS_TAG) (reused once made); nothing without READ.
+read_fit = $(if $(strip $(READ)),$(BIN)/ktm fit --exp $(READ) --run default$(POS_TAG) --reuse$(POS_ARGS)$(1))
 # $(call task_read,SEED_ARGS,NAME,CHECK): the TASK_READ fit of one seed into checkpoints/$(TASK_READ)/NAME, then "&&";
 # nothing without TASK_READ. $(call start_args,NAME): where the task starts, that fit's export or READ's.
-task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2)$(TASK_READ_TAG) --reuse $(1)$(INIT_ARGS)$(if \
-  $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS))$(3) &&)
-start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)$(TASK_READ_TAG)/export,$(INIT_ARGS))
+task_read = $(if $(strip $(TASK_READ)),$(BIN)/ktm fit --exp $(TASK_READ) --run $(2)$(TASK_READ_TAG)$(POS_TAG) --reuse $(1)$(INIT_ARGS)$(if \
+  $(strip $(TASK_READ_ARGS)), $(TASK_READ_ARGS))$(POS_ARGS)$(3) &&)
+start_args = $(if $(strip $(TASK_READ)), --model.init_from=checkpoints/$(TASK_READ)/$(1)$(TASK_READ_TAG)$(POS_TAG)/export,$(INIT_ARGS))
 # $(call per_seed,RUN,EXTRA[,STEP,CHECK]): STEP (default fit_test) into RUN_s<seed> for each of $(SEEDS), seeding both
 # Lightning and the data, each from its own TASK_READ run where there is one (else from READ); CHECK goes to that fit.
 per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.seed=$$s,seed$${s},$(4)) \
@@ -81,7 +89,7 @@ per_seed = for s in $(SEEDS); do $(call task_read,--seed_everything=$$s --data.s
 # $(call preflight,RUN,EXTRA): every fit make train/reference is about to run (READ, TASK_READ and the task, per seed),
 # given --check first: settings, benchmark options and run folders, seconds each, nothing loaded. A mistake in the
 # task's config or a task run folder that is taken fails at once, not after the reading stages (up to 40 minutes).
-task_check = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2) $(ARGS) --check
+task_check = $(BIN)/ktm fit --exp $(EXP) --run $(1) $(2)$(POS_ARGS) $(ARGS) --check
 preflight = $(if $(strip $(READ)),$(call read_fit, --check) &&) $(if $(strip $(SEEDS)),$(call \
   per_seed,$(1),$(2),task_check, --check),$(call task_read,,default, --check) $(call task_check,$(1),$(2)$(call start_args,default)))
 
@@ -105,7 +113,7 @@ reading: install
 	$(call read_fit,)
 
 ## train + test one experiment: make train EXP=tree_k4 [RUN=name] [SEEDS="0 1 2"] [READ=read_k4] [ARGS="--trainer.max_epochs=1"]
-##   [TASK_READ_ARGS="--model.ks=[1,2,4,8]" TASK_READ_TAG=_k1248]
+##   [TASK_READ_ARGS="--model.ks=[1,2,4,8]" TASK_READ_TAG=_k1248] [POSITIONS=spread]
 ## SEEDS: one run per seed into $(RUN)_s<seed>, then the mean ± std over seeds (ktm report checkpoints/$(EXP))
 ## READ: start from that reading experiment's checkpoint (made first when missing; README "Reading stage");
 ##       tree_k4 starts from read_k1248 by default, READ= starts it from scratch
@@ -114,7 +122,7 @@ train: install
 	$(call read_fit,)
 ifeq ($(strip $(SEEDS)),)
 	$(call task_read,,default) true
-	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(call start_args,default) $(ARGS)
+	$(BIN)/ktm fit --exp $(EXP) --run $(RUN)$(call start_args,default)$(POS_ARGS) $(ARGS)
 	$(BIN)/ktm test --config $(RUN_DIR)/config.yaml
 	@echo "metrics: $(RUN_DIR)/metrics.json   model: $(RUN_DIR)/export   (make tensorboard)"
 else

@@ -86,6 +86,30 @@ def test_the_one_checkpoint_experiment_reads_the_trees_text_with_every_k_encoder
     assert "--run default --reuse  --model.init_from" in _ktm(_dry("train", "EXP=tree_k1248", "TASK_READ_ARGS=", "TASK_READ_TAG="))[1]
 
 
+def test_spread_positions_go_to_every_stage_and_name_the_reading_runs_apart():
+    """A stage learns the layout it reads (README Results: spread only at the task gives nothing), so POSITIONS=spread
+    reaches the reading, the task's reading and the task, and the reading runs are not the compact chain's."""
+    lines = _ktm(_dry("train", "EXP=commitpack_k4", "POSITIONS=spread"))
+    assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default_spread --reuse --model.merged_positions=spread"
+    assert lines[1] == (".venv/bin/ktm fit --exp read_commitpack_k4 --run default_spread --reuse  --model.init_from="
+                        "checkpoints/read_k1248/default_spread/export --model.merged_positions=spread && true")
+    assert lines[2] == (".venv/bin/ktm fit --exp commitpack_k4 --run default --model.init_from="
+                        "checkpoints/read_commitpack_k4/default_spread/export --model.merged_positions=spread ")
+    (loop,) = [" ".join(line.split()) for line in _ktm(_dry("train", "EXP=commitpack_k4", "POSITIONS=spread", "SEEDS=1"))
+               if line.startswith("for s")]
+    read, task = loop.split(" && ")[:2]
+    assert "--run seed${s}_spread --reuse" in read and read.endswith("--model.merged_positions=spread")
+    assert "--model.init_from=checkpoints/read_commitpack_k4/seed${s}_spread/export" in task
+    assert task.endswith("--model.merged_positions=spread")
+    assert _dry("train", "POSITIONS=compact") == _dry("train")  # compact is the paper's layout and the default
+
+
+def test_an_unknown_layout_is_one_line_before_anything_runs():
+    out = subprocess.run(["make", "-n", "train", "POSITIONS=wide"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "ktm" not in out.stdout
+    assert "POSITIONS=wide is not a layout: use POSITIONS=compact or POSITIONS=spread" in out.stderr
+
+
 @pytest.mark.parametrize("args", [("READ=",), ("EXP=tree",)])
 def test_train_from_scratch_when_read_is_empty_or_the_experiment_has_no_default(args):
     lines = _ktm(_dry("train", *args))
@@ -133,7 +157,8 @@ def test_train_with_read_makes_the_reading_checkpoint_once_then_starts_from_it()
 
 
 @pytest.mark.parametrize("args", [("EXP=amazon_k4",), ("EXP=commitpack_k4", "RUN=r", "ARGS=--trainer.max_epochs=2"), ("READ=",),
-                                  ("EXP=tree_k1248", "SEEDS=0 1"), ("EXP=rt_k4", "TASK_READ=")])
+                                  ("EXP=tree_k1248", "SEEDS=0 1"), ("EXP=rt_k4", "TASK_READ="),
+                                  ("EXP=commitpack_k4", "POSITIONS=spread", "SEEDS=1")])
 @pytest.mark.parametrize("target", ["train", "reference"])
 def test_every_fit_is_checked_before_any_runs(target, args):
     """make train/reference first gives each fit it will run (READ, TASK_READ, the task; per seed) --check, in one
