@@ -56,7 +56,9 @@ TASK_READ_TAG  ?= $(TASK_READ_TAG_DEFAULT_$(EXP))
 # model.merged_positions: compact (the paper's, the default) or spread (each at its block's last token's position in the
 # uncompressed prompt; README Results "Merged embeddings at their source positions"). A stage learns the layout it
 # reads, so spread goes to all of them, and its reading runs are named apart (default_spread, seed<seed>_spread).
-POSITIONS  ?= compact
+# commitpack_k4: spread (val K=4 -9.3%, test -6.3% against compact, lower in each of 3 seeds; README Results, 2026-12-07).
+POSITIONS_DEFAULT_commitpack_k4 := spread
+POSITIONS  ?= $(or $(POSITIONS_DEFAULT_$(EXP)),compact)
 $(if $(filter-out compact spread,$(POSITIONS)),$(error POSITIONS=$(POSITIONS) is not a layout: use POSITIONS=compact or POSITIONS=spread))
 POS_ARGS   := $(if $(filter spread,$(POSITIONS)), --model.merged_positions=spread)
 POS_TAG    := $(if $(filter spread,$(POSITIONS)),_spread)

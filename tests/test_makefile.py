@@ -40,7 +40,7 @@ def test_train_without_seeds_reads_twice_then_trains_one_run(exp, task_read):
     """tree_k4 (the default), the sentiment and the code tasks: the shared reading checkpoint, then the task's own text
     read at the task's K (TASK_READ), then the task (README Results: higher K=4 in every seed of the tree and Amazon,
     lower K=2 and K=4 perplexity on CommitPackFT)."""
-    assert _ktm(_dry("train", f"EXP={exp}")) == [
+    assert _ktm(_dry("train", f"EXP={exp}", "POSITIONS=compact")) == [
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
         f".venv/bin/ktm fit --exp {task_read} --run default --reuse  --model.init_from=checkpoints/read_k1248/default/export && true",
         f".venv/bin/ktm fit --exp {exp} --run default --model.init_from=checkpoints/{task_read}/default/export ",
@@ -101,7 +101,8 @@ def test_spread_positions_go_to_every_stage_and_name_the_reading_runs_apart():
     assert "--run seed${s}_spread --reuse" in read and read.endswith("--model.merged_positions=spread")
     assert "--model.init_from=checkpoints/read_commitpack_k4/seed${s}_spread/export" in task
     assert task.endswith("--model.merged_positions=spread")
-    assert _dry("train", "POSITIONS=compact") == _dry("train")  # compact is the paper's layout and the default
+    assert _dry("train", "POSITIONS=compact") == _dry("train")  # compact is the paper's layout and the default,
+    assert _dry("train", "EXP=commitpack_k4") == _dry("train", "EXP=commitpack_k4", "POSITIONS=spread")  # but code's
 
 
 def test_an_unknown_layout_is_one_line_before_anything_runs():
