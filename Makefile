@@ -15,21 +15,21 @@ ARGS       ?=
 # then reused by every run while it was made with the experiment's current config (ktm fit --reuse; a
 # changed recipe is refused with the setting that differs). Experiments with a READ_DEFAULT below start from
 # it unless given READ= (empty).
-# tree_k4: fully merged K=4 learns the tree in make train's budget only from a reading start (README
-# Results: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248, 0.93-0.96
+# tree_k4: fully merged K=4 learns the tree in make train's budget only from a reading start
+# (docs/results.md: 0.50 test balanced from scratch in a fresh clone, 0.79-0.94 in three seeds from read_k1248, 0.93-0.96
 # with read_tree_k4 after it, below; 0.97-0.99 with both and 2000 steps on an Intel Xeon, the recipe since 2026-12-06).
 READ_DEFAULT_tree_k4 := read_k1248
 # amazon_k4: the same two stages lift K=4 test balanced accuracy in every seed (0.696 +- 0.023 against 0.640 +- 0.003
-# from scratch, README Results); its own reading stage is read_amazon_k4 (below).
+# from scratch, docs/results.md); its own reading stage is read_amazon_k4 (below).
 READ_DEFAULT_amazon_k4 := read_k1248
-# rt_k4: the same two stages, its own reading stage read_rt_k4 (one seed measured: README Results).
+# rt_k4: the same two stages, its own reading stage read_rt_k4 (one seed measured: docs/results.md).
 READ_DEFAULT_rt_k4 := read_k1248
 # commitpack_k2: read_k1248, then read_commitpack_k2 on the seed's training commits: val K=2 1.50x its K=1 at the end
 # of make train's seed 0 (1.81x from read_k1248 alone, 4 epochs; the former 8-epoch recipe from scratch ended at 2.13x;
-# README Results).
+# docs/results.md).
 READ_DEFAULT_commitpack_k2 := read_k1248
 # commitpack_k4: the same chain with the code read at K=4 (read_commitpack_k4; K=4 -20% val, -13.5% test over 3 seeds
-# against read_k1248 alone), then one K=4 epoch over ~230 commits: val K=4 3.67x a K=1 LoRA on the same commits (README Results).
+# against read_k1248 alone), then one K=4 epoch over ~230 commits: val K=4 3.67x a K=1 LoRA on the same commits (docs/results.md).
 READ_DEFAULT_commitpack_k4 := read_k1248
 # tree_k1248 (one checkpoint for K = 1, 2, 4, 8): tree_k4's two stages, the tree's own text read with a K=8 encoder too.
 READ_DEFAULT_tree_k1248 := read_k1248
@@ -46,7 +46,7 @@ TASK_READ_DEFAULT_commitpack_k2 := read_commitpack_k2
 TASK_READ_DEFAULT_commitpack_k4 := read_commitpack_k4
 TASK_READ  ?= $(if $(strip $(READ)),$(TASK_READ_DEFAULT_$(EXP)))
 # TASK_READ_ARGS: arguments for the TASK_READ fits only (ARGS go to the task), e.g. '--model.ks=[1,2,4,8]' when
-# the task trains K=8 too (README Results, one checkpoint for every K). TASK_READ_TAG names those runs apart
+# the task trains K=8 too (docs/results.md, one checkpoint for every K). TASK_READ_TAG names those runs apart
 # (seed<seed><tag>, default<tag>): a run of the plain recipe is reused only by the same config, else refused.
 TASK_READ_ARGS_DEFAULT_tree_k1248 := '--model.ks=[1,2,4,8]'
 TASK_READ_TAG_DEFAULT_tree_k1248 := _k1248
@@ -54,9 +54,9 @@ TASK_READ_ARGS ?= $(TASK_READ_ARGS_DEFAULT_$(EXP))
 TASK_READ_TAG  ?= $(TASK_READ_TAG_DEFAULT_$(EXP))
 # POSITIONS: where every stage of the chain (READ, TASK_READ and the task) puts the merged embeddings, as
 # model.merged_positions: compact (the paper's, the default) or spread (each at its block's last token's position in the
-# uncompressed prompt; README Results "Merged embeddings at their source positions"). A stage learns the layout it
+# uncompressed prompt; docs/results.md "Merged embeddings at their source positions"). A stage learns the layout it
 # reads, so spread goes to all of them, and its reading runs are named apart (default_spread, seed<seed>_spread).
-# commitpack_k4: spread (val K=4 -9.3%, test -6.3% against compact, lower in each of 3 seeds; README Results, 2026-12-07).
+# commitpack_k4: spread (val K=4 -9.3%, test -6.3% against compact, lower in each of 3 seeds; docs/results.md, 2026-12-07).
 POSITIONS_DEFAULT_commitpack_k4 := spread
 POSITIONS  ?= $(or $(POSITIONS_DEFAULT_$(EXP)),compact)
 $(if $(filter-out compact spread,$(POSITIONS)),$(error POSITIONS=$(POSITIONS) is not a layout: use POSITIONS=compact or POSITIONS=spread))
@@ -167,7 +167,7 @@ bench: install
 
 # CPU presets of `make compare` (2 cores, K=4, all seven cells): every cell gets the same step budget instead
 # of the experiment's max_time, so a slower machine runs longer but compares the same thing.
-#   tree_k4: the question stays in tokens (fully merged K=4 does not learn in this budget: README Results),
+#   tree_k4: the question stays in tokens (fully merged K=4 does not learn in this budget: docs/results.md),
 #            200 steps a cell, about 2.5 h for the seven cells (measured 2026-12-01).
 #   amazon_k4: 174 steps a cell (two 87-step epochs: the merge's K=1 epoch, then one at K=4), 600 test sentences.
 COMPARE_PRESET_tree_k4   := --model.keep_marked=true --trainer.max_steps=200 --trainer.max_time=null

@@ -6,7 +6,7 @@ P-L F1 = 2PL / (P + L): the harmonic mean of task performance P and compression 
 Classification always comes with balanced accuracy (mean recall over classes) and the majority-class
 baseline, because tree labels are very unbalanced (~99% "false" on the largest stage), and with the ROC AUC of the
 label scores (macro over classes, one vs rest): how well a K ranks the examples whatever its decision threshold,
-so a K that only decides worse is told apart from one that reads worse (README Results, Amazon at K=4).
+so a K that only decides worse is told apart from one that reads worse (docs/results.md, Amazon at K=4).
 """
 
 from __future__ import annotations

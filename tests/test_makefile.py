@@ -38,7 +38,7 @@ def test_install_uses_the_constraints():
                                             ("commitpack_k2", "read_commitpack_k2"), ("commitpack_k4", "read_commitpack_k4")])
 def test_train_without_seeds_reads_twice_then_trains_one_run(exp, task_read):
     """tree_k4 (the default), the sentiment and the code tasks: the shared reading checkpoint, then the task's own text
-    read at the task's K (TASK_READ), then the task (README Results: higher K=4 in every seed of the tree and Amazon,
+    read at the task's K (TASK_READ), then the task (docs/results.md: higher K=4 in every seed of the tree and Amazon,
     lower K=2 and K=4 perplexity on CommitPackFT)."""
     assert _ktm(_dry("train", f"EXP={exp}", "POSITIONS=compact")) == [
         ".venv/bin/ktm fit --exp read_k1248 --run default --reuse",
@@ -60,7 +60,7 @@ def test_the_task_reading_stage_runs_once_per_seed_on_that_seeds_data():
 
 
 def test_task_read_args_go_to_the_reading_stage_only_and_its_tag_names_its_runs():
-    """The one-checkpoint recipe with K=8 (README Results) reads the tree's text with an encoder for K=8 too:
+    """The one-checkpoint recipe with K=8 (docs/results.md) reads the tree's text with an encoder for K=8 too:
     TASK_READ_ARGS reach that fit alone, TASK_READ_TAG keeps its runs apart from the plain recipe's."""
     lines = _ktm(_dry("train", "SEEDS=0", "RUN=every_k8", "TASK_READ_ARGS=--model.ks=[1,2,4,8]", "TASK_READ_TAG=_k1248",
                       "ARGS=--data.seed=9"))
@@ -87,7 +87,7 @@ def test_the_one_checkpoint_experiment_reads_the_trees_text_with_every_k_encoder
 
 
 def test_spread_positions_go_to_every_stage_and_name_the_reading_runs_apart():
-    """A stage learns the layout it reads (README Results: spread only at the task gives nothing), so POSITIONS=spread
+    """A stage learns the layout it reads (docs/results.md: spread only at the task gives nothing), so POSITIONS=spread
     reaches the reading, the task's reading and the task, and the reading runs are not the compact chain's."""
     lines = _ktm(_dry("train", "EXP=commitpack_k4", "POSITIONS=spread"))
     assert lines[0] == ".venv/bin/ktm fit --exp read_k1248 --run default_spread --reuse --model.merged_positions=spread"

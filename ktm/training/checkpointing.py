@@ -2,7 +2,7 @@
 `checkpoint.monitor`, the best validation kept as the run's model.
 
 Selection (`--checkpoint.monitor=val/k4/balanced_accuracy --checkpoint.mode=max`): validation numbers of a
-few hundred examples swing by several points from one epoch to the next (README Results), so the last epoch is
+few hundred examples swing by several points from one epoch to the next (docs/results.md), so the last epoch is
 a noisy pick. With a monitor, the top-k checkpoint is the best validation so far, counted only on the
 curriculum's last data stage (an earlier stage validates on other data); at the end of fit it becomes
 <run>/checkpoints/best.ckpt (a hard link, no copy), its weights are what the export holds and its

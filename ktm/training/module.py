@@ -153,7 +153,7 @@ class KTMModule(L.LightningModule):
                 (phase_shifts: drawn from the step and the row), which moves every block boundary, since blocks
                 end where the tokens kept at the end begin: over the epochs one prompt is merged K ways, an
                 augmentation of the merged view for a small labelled set seen many times. Validation, test and
-                the export never jitter (False = the paper; on Amazon K=4 it tested no better, README Results).
+                the export never jitter (False = the paper; on Amazon K=4 it tested no better, docs/results.md).
         """
         super().__init__()
         self.save_hyperparameters()
