@@ -5,7 +5,8 @@ follows it. Two objectives, chosen per training example with a seeded draw (`rec
 test are continuation only, the held-out "continuation perplexity"):
 - continuation: target = the next `continuation_words` words; loss on them (ICAE/ARC-Encoder's main signal);
 - reconstruction: target = the prefix itself, after a short cue kept in tokens and not scored
-  (`meta["cue"]`); alone it teaches copying, so it is a minority share (ARC-Encoder's best mix: ~20%).
+  (`meta["cue"]`); alone it teaches copying, so it is a minority share (ARC-Encoder's best mix: ~20%), unless
+  the task itself copies its merged input: read_commitpack_k4 reconstructs only (code edits at K=4, measured).
 Distillation from the uncompressed base is a training-time loss (ktm.training.module), not data.
 
 Sources (`sources`, a list; documents are split into train/val/test by document, never by window):
