@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import warnings
+from functools import reduce
 from pathlib import Path
 
 from ktm.errors import Interrupted, KTMError, OneLineParser
@@ -85,8 +86,37 @@ def _extends(path: Path) -> str | None:
     return parent
 
 
+def deep_merge(base, over):
+    """`over` on top of `base`: two mappings merge key by key, recursively; any other value (null included) replaces."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{key: deep_merge(base[key], value) if key in base else value for key, value in over.items()}}
+
+
+def composed_experiment(name: str) -> dict:
+    """What `--exp NAME` gives before command-line options: defaults.yaml, then the chain, deep-merged."""
+    return reduce(deep_merge, [read_experiment(path) for path in (EXPERIMENTS / "defaults.yaml", *experiment_files(name))], {})
+
+
+def merged_mapping_args(files: list[Path]) -> list[str]:
+    """`--section.option=VALUE` for each mapping option (data.benchmark_args, a per-K lr) that a later file changes
+    in part: repeated --config files replace a mapping option whole, so it follows them deep-merged, and a child
+    names only the keys that differ (null drops its parent's mapping)."""
+    import yaml
+
+    sections = [{key: value for key, value in read_experiment(path).items() if isinstance(value, dict)} for path in files]
+    args = []
+    for section, options in reduce(deep_merge, sections, {}).items():
+        for option, value in options.items():
+            last = next(doc[section][option] for doc in reversed(sections) if option in doc.get(section, {}))
+            if value != last:
+                args.append(f"--{section}.{option}={yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 20).strip()}")
+    return args
+
+
 def expand_exp(argv: list[str]) -> list[str]:
-    """Replace `--exp NAME` by the composed config files (+ the experiment name for the run folder)."""
+    """Replace `--exp NAME` by the composed config files, their merged mapping options and the experiment name
+    (for the run folder)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -94,7 +124,7 @@ def expand_exp(argv: list[str]) -> list[str]:
             name = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 1 if "=" in arg else 2
             files = [EXPERIMENTS / "defaults.yaml", *experiment_files(name)]
-            out += [a for f in files for a in ("--config", str(f))] + ["--experiment", name]
+            out += [a for f in files for a in ("--config", str(f))] + merged_mapping_args(files) + ["--experiment", name]
             continue
         out.append(arg)
         i += 1

@@ -144,14 +144,11 @@ def plan_cells(compressors: list[str], ks: list[int], schedule: str = "k") -> li
 def experiment_curriculum(exp: str) -> list:
     """data.k_schedule of the composed experiment (defaults.yaml, then <exp>.yaml after the experiments it extends;
     null = the largest model.ks)."""
-    from ktm import cli
+    from ktm.cli import composed_experiment
 
-    ks, schedule = [4], None
-    for path in (cli.EXPERIMENTS / "defaults.yaml", *cli.experiment_files(exp)):
-        doc = cli.read_experiment(path)
-        ks = (doc.get("model") or {}).get("ks", ks)
-        schedule = (doc.get("data") or {}).get("k_schedule", schedule)
-    return list(schedule) if schedule else [max(ks)]
+    composed = composed_experiment(exp)
+    schedule = (composed.get("data") or {}).get("k_schedule")
+    return list(schedule) if schedule else [max((composed.get("model") or {}).get("ks") or [4])]
 
 
 def _entry_ks(entry) -> list[int]:

@@ -116,7 +116,7 @@ def test_every_experiment_config_parses(exp, capsys):
     parses it all without building anything, and prints the K settings it holds; its trainer settings and every
     setting `ktm fit` checks right after parsing (data, model, checkpoint monitor: one inherited through `extends`
     must name a K the experiment has) pass those checks (untested GPU recipes included), and its benchmark takes its
-    options (a child's benchmark_args replaces its parent's whole mapping, so a partial one loses options)."""
+    options (a child's benchmark_args merges into its parent's: a key it misspells would reach the benchmark)."""
     import yaml
     from jsonargparse import Namespace
 
@@ -156,6 +156,48 @@ def test_extends_composes_the_chain_root_first(tmp_path, monkeypatch):
         "--config", str(d / "top.yaml"), "--experiment", "top", "--run", "r"]
     assert expand_exp(["fit", "--exp=base"]) == ["fit", "--config", str(d / "defaults.yaml"), "--config", str(d / "base.yaml"),
                                                  "--experiment", "base"]
+
+
+@pytest.mark.parametrize("base, over, merged", [
+    ({"a": 1, "b": 2}, {"b": 3}, {"a": 1, "b": 3}),
+    ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3, "z": 4}}, {"a": {"x": 1, "y": 3, "z": 4}}),  # nested mappings merge
+    ({"a": {"x": {"p": 1, "q": 2}}}, {"a": {"x": {"q": 5}}}, {"a": {"x": {"p": 1, "q": 5}}}),  # at any depth
+    ({"a": {"x": 1}}, {"a": None}, {"a": None}),  # null drops the mapping
+    ({"a": {"x": 1}}, {"a": {}}, {"a": {"x": 1}}),  # an empty mapping changes nothing
+    ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),  # a list is replaced whole
+    ({"a": 1.0e-3}, {"a": {1: 1.0e-3, 4: 3.0e-4}}, {"a": {1: 1.0e-3, 4: 3.0e-4}}),  # a number becomes a per-K mapping
+    ({"a": {1: 1.0}}, {"a": {4: 2.0}}, {"a": {1: 1.0, 4: 2.0}}),
+])
+def test_deep_merge(base, over, merged):
+    from ktm.cli import deep_merge
+
+    assert deep_merge(base, over) == merged
+
+
+def test_a_child_changes_one_key_of_a_mapping_option(tmp_path, monkeypatch):
+    """Repeated --config files would replace data.benchmark_args whole: the deep-merged mapping follows them, only
+    where a child changes part of one (and null drops it)."""
+    from ktm.cli import expand_exp
+
+    d = _experiments(tmp_path, monkeypatch, base="data:\n  benchmark_args: {a: 1, b: {x: 1, y: 2}}\n  batch_size: 4\n",
+                     top="extends: base\ndata:\n  benchmark_args: {b: {y: 3}}\n", whole="extends: base\ndata:\n  benchmark_args: {a: 2, b: {x: 0, y: 0}}\n",
+                     none="extends: base\ndata:\n  benchmark_args: null\n", again="extends: none\ndata:\n  benchmark_args: {c: 1}\n")
+    configs = lambda *names: [a for n in ("defaults", *names) for a in ("--config", str(d / f"{n}.yaml"))]  # noqa: E731
+    assert expand_exp(["fit", "--exp", "top"]) == ["fit", *configs("base", "top"), "--data.benchmark_args={a: 1, b: {x: 1, y: 3}}",
+                                                   "--experiment", "top"]
+    for name, chain in (("whole", ("base", "whole")), ("none", ("base", "none")), ("again", ("base", "none", "again"))):
+        assert expand_exp(["fit", "--exp", name]) == ["fit", *configs(*chain), "--experiment", name]  # the last file's value
+
+
+def test_a_child_option_on_the_command_line_still_wins(capsys):
+    """commitpack_k4 names one key of commitpack_k2's benchmark_args; the rest is inherited, and a command-line key
+    after --exp still overrides the merged mapping."""
+    import yaml
+
+    assert main(["fit", "--exp", "commitpack_k4", "--data.benchmark_args.max_old_chars=900", "--print_config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["data"]["benchmark_args"]
+    assert args == {"source": "auto", "data_dir": "../shared/data/commits", "language": "python", "max_old_chars": 900,
+                    "max_new_chars": 1200, "long_policy": "drop", "train_max_chars": 2000}
 
 
 @pytest.mark.parametrize("files, expected", [
