@@ -182,7 +182,10 @@ def test_a_child_changes_one_key_of_a_mapping_option(tmp_path, monkeypatch):
     d = _experiments(tmp_path, monkeypatch, base="data:\n  benchmark_args: {a: 1, b: {x: 1, y: 2}}\n  batch_size: 4\n",
                      top="extends: base\ndata:\n  benchmark_args: {b: {y: 3}}\n", whole="extends: base\ndata:\n  benchmark_args: {a: 2, b: {x: 0, y: 0}}\n",
                      none="extends: base\ndata:\n  benchmark_args: null\n", again="extends: none\ndata:\n  benchmark_args: {c: 1}\n")
-    configs = lambda *names: [a for n in ("defaults", *names) for a in ("--config", str(d / f"{n}.yaml"))]  # noqa: E731
+
+    def configs(*names):
+        return [a for n in ("defaults", *names) for a in ("--config", str(d / f"{n}.yaml"))]
+
     assert expand_exp(["fit", "--exp", "top"]) == ["fit", *configs("base", "top"), "--data.benchmark_args={a: 1, b: {x: 1, y: 3}}",
                                                    "--experiment", "top"]
     for name, chain in (("whole", ("base", "whole")), ("none", ("base", "none")), ("again", ("base", "none", "again"))):
