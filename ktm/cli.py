@@ -93,9 +93,14 @@ def deep_merge(base, over):
     return {**base, **{key: deep_merge(base[key], value) if key in base else value for key, value in over.items()}}
 
 
+def config_files(name: str) -> list[Path]:
+    """What `--exp NAME` reads, in order: defaults.yaml, then the experiment chain (root first)."""
+    return [EXPERIMENTS / "defaults.yaml", *experiment_files(name)]
+
+
 def composed_experiment(name: str) -> dict:
-    """What `--exp NAME` gives before command-line options: defaults.yaml, then the chain, deep-merged."""
-    return reduce(deep_merge, [read_experiment(path) for path in (EXPERIMENTS / "defaults.yaml", *experiment_files(name))], {})
+    """What `--exp NAME` gives before command-line options: its config files, deep-merged."""
+    return reduce(deep_merge, map(read_experiment, config_files(name)), {})
 
 
 def merged_mapping_args(files: list[Path]) -> list[str]:
@@ -123,7 +128,7 @@ def expand_exp(argv: list[str]) -> list[str]:
         if arg == "--exp" or arg.startswith("--exp="):
             name = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 1 if "=" in arg else 2
-            files = [EXPERIMENTS / "defaults.yaml", *experiment_files(name)]
+            files = config_files(name)
             out += [a for f in files for a in ("--config", str(f))] + merged_mapping_args(files) + ["--experiment", name]
             continue
         out.append(arg)
