@@ -24,9 +24,9 @@ READ_DEFAULT_tree_k4 := read_k1248
 READ_DEFAULT_amazon_k4 := read_k1248
 # rt_k4: the same two stages, its own reading stage read_rt_k4 (one seed measured: docs/results.md).
 READ_DEFAULT_rt_k4 := read_k1248
-# commitpack_k2: read_k1248, then read_commitpack_k2 on the seed's training commits: val K=2 1.50x its K=1 at the end
-# of make train's seed 0 (1.81x from read_k1248 alone, 4 epochs; the former 8-epoch recipe from scratch ended at 2.13x;
-# docs/results.md).
+# commitpack_k2: read_k1248, then read_commitpack_k2 on the seed's training commits (copy-only since 2026-12-07), then one
+# K=2 epoch over ~230 commits, every stage spread: val K=2 1.36x a K=1 LoRA on the same commits (seed 0; the recipe
+# before it 1.50-1.68x, 1.81x from read_k1248 alone, 2.13x from scratch; docs/results.md).
 READ_DEFAULT_commitpack_k2 := read_k1248
 # commitpack_k4: the same chain with the code read at K=4 (read_commitpack_k4; K=4 -20% val, -13.5% test over 3 seeds
 # against read_k1248 alone; since 2026-12-07 every reading window reconstructs, val K=4 -9.5% over 3 seeds, for 70 steps
@@ -59,6 +59,9 @@ TASK_READ_TAG  ?= $(TASK_READ_TAG_DEFAULT_$(EXP))
 # uncompressed prompt; docs/results.md "Merged embeddings at their source positions"). A stage learns the layout it
 # reads, so spread goes to all of them, and its reading runs are named apart (default_spread, seed<seed>_spread).
 # commitpack_k4: spread (val K=4 -9.3%, test -6.3% against compact, lower in each of 3 seeds; docs/results.md, 2026-12-07).
+# commitpack_k2: spread (val K=2 -3.4% against compact after the same epoch, seed 0; docs/results.md, "CommitPackFT at
+# K=2: spread positions through the chain").
+POSITIONS_DEFAULT_commitpack_k2 := spread
 POSITIONS_DEFAULT_commitpack_k4 := spread
 POSITIONS  ?= $(or $(POSITIONS_DEFAULT_$(EXP)),compact)
 $(if $(filter-out compact spread,$(POSITIONS)),$(error POSITIONS=$(POSITIONS) is not a layout: use POSITIONS=compact or POSITIONS=spread))

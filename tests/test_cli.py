@@ -193,14 +193,15 @@ def test_a_child_changes_one_key_of_a_mapping_option(tmp_path, monkeypatch):
 
 
 def test_a_child_option_on_the_command_line_still_wins(capsys):
-    """commitpack_k4 names one key of commitpack_k2's benchmark_args; the rest is inherited, and a command-line key
+    """read_rt_k4 names one key of read_amazon_k4's benchmark_args; the rest is inherited, and a command-line key
     after --exp still overrides the merged mapping."""
     import yaml
 
-    assert main(["fit", "--exp", "commitpack_k4", "--data.benchmark_args.max_old_chars=900", "--print_config"]) == 0
+    assert main(["fit", "--exp", "read_rt_k4", "--data.benchmark_args.prefix_words=12", "--print_config"]) == 0
     args = yaml.safe_load(capsys.readouterr().out)["data"]["benchmark_args"]
-    assert args == {"source": "auto", "data_dir": "../shared/data/commits", "language": "python", "max_old_chars": 900,
-                    "max_new_chars": 1200, "long_policy": "drop", "train_max_chars": 2000}
+    assert args == {"sources": ["benchmark:rotten_tomatoes"], "prefix_words": 12, "continuation_words": 3,
+                    "reconstruction_share": 0.5, "windows_per_document": 1, "max_documents": 20000,
+                    "whitespace": "collapse", "benchmark_split": "example"}
 
 
 @pytest.mark.parametrize("files, expected", [

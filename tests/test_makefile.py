@@ -102,7 +102,8 @@ def test_spread_positions_go_to_every_stage_and_name_the_reading_runs_apart():
     assert "--model.init_from=checkpoints/read_commitpack_k4/seed${s}_spread/export" in task
     assert task.endswith("--model.merged_positions=spread")
     assert _dry("train", "POSITIONS=compact") == _dry("train")  # compact is the paper's layout and the default,
-    assert _dry("train", "EXP=commitpack_k4") == _dry("train", "EXP=commitpack_k4", "POSITIONS=spread")  # but code's
+    for exp in ("EXP=commitpack_k2", "EXP=commitpack_k4"):  # but code's
+        assert _dry("train", exp) == _dry("train", exp, "POSITIONS=spread")
 
 
 def test_an_unknown_layout_is_one_line_before_anything_runs():
