@@ -28,10 +28,9 @@ READ_DEFAULT_rt_k4 := read_k1248
 # K=2 epoch over ~230 commits, every stage spread: val K=2 1.36x a K=1 LoRA on the same commits (seed 0; the recipe
 # before it 1.50-1.68x, 1.81x from read_k1248 alone, 2.13x from scratch; docs/results.md).
 READ_DEFAULT_commitpack_k2 := read_k1248
-# commitpack_k4: the same chain with the code read at K=4 (read_commitpack_k4; K=4 -20% val, -13.5% test over 3 seeds
-# against read_k1248 alone; since 2026-12-07 every reading window reconstructs, val K=4 -9.5% over 3 seeds, for 70 steps
-# without distillation, as good at 36% less time), then one K=4 epoch over ~230 commits, every stage spread: val K=4
-# 3.00-3.04x a K=1 LoRA on the same commits (docs/results.md).
+# commitpack_k4: the same chain at K=4 (read_commitpack_k4: K=4 -20% val, -13.5% test over 3 seeds against read_k1248
+# alone; copy-only -9.5% val over 3 seeds; no distillation as good at 36% less time): val K=4 3.00-3.04x a K=1 LoRA on
+# the same commits (docs/results.md).
 READ_DEFAULT_commitpack_k4 := read_k1248
 # tree_k1248 (one checkpoint for K = 1, 2, 4, 8): tree_k4's two stages, the tree's own text read with a K=8 encoder too.
 READ_DEFAULT_tree_k1248 := read_k1248
