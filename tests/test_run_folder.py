@@ -442,6 +442,31 @@ def test_reuse_keeps_a_finished_run_of_the_same_config_and_refuses_another(train
     assert (run.parent / "new" / "export" / "ktm.json").is_file()
 
 
+def test_reuse_takes_a_longer_wall_clock_cap_only_where_the_run_reached_its_step_budget(trained, tmp_path, capsys, ktm_log):
+    """A run that stopped at trainer.max_steps did not depend on its max_time: raising the cap (or dropping it)
+    reuses it; a shorter cap, or a run that stopped before its step budget (the cap may have bound), is refused."""
+    run = copy_run(trained, tmp_path)
+    steps = json.loads((run / "metrics.json").read_text())["global_step"]
+    saved = run / "config.yaml"
+    text = saved.read_text()
+    assert "  max_steps: -1\n" in text and "  max_time: 00:00:40:00\n" in text
+    saved.write_text(text.replace("  max_steps: -1\n", f"  max_steps: {steps}\n"))
+    same = ["fit", "--exp", "tree_k4", "--root", str(run.parents[1]), "--run", "r", *TINY, "--reuse", f"--trainer.max_steps={steps}"]
+    before = snapshot(run)
+    for cap in ("00:00:40:00", "00:01:30:00", "null"):
+        assert main([*same, f"--trainer.max_time={cap}"]) == 0, cap
+    for cap in ("00:00:39:00", "{minutes: 45}"):  # shorter; a form other than DD:HH:MM:SS is compared as it is
+        assert main([*same, f"--trainer.max_time={cap}"]) == 2
+        assert "trainer.max_time is 00:00:40:00 there" in error_line(capsys)
+    assert main([*same[:-1], f"--trainer.max_steps={steps + 1}", "--trainer.max_time=00:00:40:00"]) == 2
+    assert f"trainer.max_steps is {steps} there, {steps + 1} now" in error_line(capsys)
+    saved.write_text(text.replace("  max_steps: -1\n", f"  max_steps: {steps + 1}\n"))  # stopped one step short
+    assert main([*same[:-1], f"--trainer.max_steps={steps + 1}", "--trainer.max_time=00:01:00:00"]) == 2
+    assert "trainer.max_time is 00:00:40:00 there, 00:01:00:00 now" in error_line(capsys)
+    assert {name: data for name, data in snapshot(run).items() if name != "config.yaml"} == {
+        name: data for name, data in before.items() if name != "config.yaml"}  # nothing trained, nothing moved
+
+
 def test_check_runs_every_check_and_builds_nothing(trained, tmp_path, capsys, ktm_log):
     """`ktm fit --check` (make train's preflight before the reading stages) passes or fails as the fit would at
     its start, in seconds, without loading the base or writing anything: a free folder passes, a taken one is the

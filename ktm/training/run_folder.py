@@ -328,10 +328,37 @@ def config_difference(saved: dict, new: dict, defaults: dict, prefix: str = "") 
     return None
 
 
+def _cap_seconds(cap) -> float | None:
+    """trainer.max_time as config.yaml holds it ("DD:HH:MM:SS", or None: no cap) in seconds; None for another form."""
+    if cap is None:
+        return float("inf")
+    try:
+        days, hours, minutes, seconds = (int(part) for part in str(cap).split(":"))
+    except ValueError:
+        return None
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
+    """A finished run that reached its step budget (trainer.max_steps, in metrics.json's global_step) stopped there,
+    not at its wall-clock cap: under a cap at least as long (or none) the same run comes out."""
+    saved_trainer, new_trainer = saved.get("trainer") or {}, new.get("trainer") or {}
+    steps = saved_trainer.get("max_steps")
+    if not isinstance(steps, int) or steps <= 0 or steps != new_trainer.get("max_steps"):
+        return False
+    try:
+        reached = json.loads((folder / "metrics.json").read_text()).get("global_step")
+    except (OSError, ValueError):
+        return False
+    old_cap, new_cap = _cap_seconds(saved_trainer.get("max_time")), _cap_seconds(new_trainer.get("max_time"))
+    return reached == steps and old_cap is not None and new_cap is not None and new_cap >= old_cap
+
+
 def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     """`ktm fit --reuse`: True when `folder` holds a finished run (its export) made with the config `new` (parsed
     config.yaml dicts), False when it holds no finished run (the usual rules then apply: a half-finished one is
-    refused with its resume command); one line when it holds a finished run of another config."""
+    refused with its resume command); one line when it holds a finished run of another config. A longer
+    trainer.max_time is the same run where the saved run stopped at its max_steps (_cap_did_not_bind)."""
     if not (folder / "export" / "ktm.json").is_file() or not (folder / "config.yaml").is_file():
         return False
     import yaml
@@ -341,6 +368,8 @@ def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     except (OSError, yaml.YAMLError) as exc:
         raise KTMError(f"cannot read {folder / 'config.yaml'} to compare it ({' '.join(str(exc).split())[:120]})",
                        "add --overwrite to make the run again (the old one is moved aside), or pick another --run") from None
+    if _cap_did_not_bind(folder, saved, new):
+        new = {**new, "trainer": {**new["trainer"], "max_time": saved["trainer"].get("max_time")}}
     found = config_difference(saved, new, defaults)
     if found:
         name, theirs, ours = found
