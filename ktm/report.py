@@ -28,11 +28,21 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _stop(metrics: dict) -> str:
+    """What ended the fit (metrics.json `stop`, runs since 2026-12-08), loudest where the wall-clock cap cut it."""
+    stop = metrics.get("stop") or {}
+    if not stop:
+        return ""
+    if stop["by"] == "max_time":
+        return f" (**cut by trainer.max_time** short of {stop.get('planned_steps') or 'its'} planned steps)"
+    return f" (ended by {stop['by']})"
+
+
 def render(metrics: dict, title: str = "") -> str:
     data = metrics.get("data", {})
     lines = [f"### {title}".rstrip(), "",
              f"benchmark `{data.get('benchmark')}` ({data.get('task')}), stage `{data.get('stage')}`, "
-             f"source `{data.get('source')}`, global step {metrics.get('global_step')}, "
+             f"source `{data.get('source')}`, global step {metrics.get('global_step')}{_stop(metrics)}, "
              f"wall time (s) {metrics.get('wall_seconds')}", ""]
     chosen = metrics.get("selected")
     if chosen:  # checkpoint.monitor: val and test below are of this checkpoint, not of the final step
@@ -165,6 +175,21 @@ def machine_of(doc: dict) -> str | None:
     return " + ".join(parts + [str(d) for d in fit.get("cuda_devices") or []]) or None
 
 
+def cut_by_time(doc: dict) -> str | None:
+    """'step N of M' where trainer.max_time cut the run's fit short of its budget (metrics.json stop), else None."""
+    stop = doc.get("stop") or {}
+    return f"step {doc.get('global_step')} of {stop.get('planned_steps')}" if stop.get("by") == "max_time" else None
+
+
+def render_cut(group: dict, reference: dict | None) -> list[str]:
+    """One line naming the runs of a group and its reference that trainer.max_time cut short (none otherwise)."""
+    cut = [f"{run} ({where})" for g in (group, reference or {}) for run, where in (g.get("cut_by_time") or {}).items() if where]
+    if not cut:
+        return []
+    return [f"*cut by trainer.max_time* ({'; '.join(cut)}): these stopped short of their step budget, so they trained "
+            "less than the others (a slower machine); their numbers are not the recipe's", ""]
+
+
 def render_machines(group: dict, reference: dict | None) -> list[str]:
     """One line where the runs of a group and its reference trained on more than one machine (none otherwise)."""
     by_machine: dict[str, list[str]] = {}
@@ -194,6 +219,7 @@ def summarize(runs: list[Path], columns: dict = SUMMARY_COLUMNS) -> dict:
         data, task = first.get("data", {}), task_of(first, columns)
         groups[name] = {"runs": list(docs), "seeds": [seed for seed, _ in pairs if seed is not None], "task": task,
                         "benchmark": data.get("benchmark"), "machines": {run: machine_of(doc) for run, doc in docs.items()},
+                        "cut_by_time": {run: cut_by_time(doc) for run, doc in docs.items()},
                         "splits": aggregate(docs, [key for _, key in columns[task]])}
     for name, group in groups.items():
         group["reference"] = reference_for(name, groups)
@@ -264,7 +290,7 @@ def render_group(name: str, group: dict, reference: dict | None) -> list[str]:
     lines = [f"#### `{name}`: {len(group['runs'])} run(s): {', '.join(group['runs'])}", ""]
     if reference is not None:
         lines += [f"*reference K=1*: {REFERENCE_TITLE}, `{group['reference']}` ({', '.join(reference['runs'])})", ""]
-    lines += render_machines(group, reference)
+    lines += render_machines(group, reference) + render_cut(group, reference)
     lines += ["| split | K | n | " + " | ".join(title for title, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for split in ("test", "val"):
         rows = group["splits"].get(split, {})

@@ -172,7 +172,10 @@ def test_the_lm_head_reads_the_kept_positions_without_copying_its_weight():
         transposed = [head.shape[1], head.shape[0]]  # (hidden, vocab): the weight as the matmul reads it
         return [e for e in p.events() if e.name == "aten::copy_" and any(list(shape[-2:]) == transposed for shape in e.input_shapes)]
 
-    assert copies_of_the_head(prof_int), "the int form no longer copies the head: last_positions may be unneeded"
+    from ktm.environment import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():  # seen where the CPU computes bf16 natively; an AVX2-only EPYC made no copy (2026-12-08)
+        assert copies_of_the_head(prof_int), "the int form no longer copies the head: last_positions may be unneeded"
     assert not copies_of_the_head(prof)
 
 

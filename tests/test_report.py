@@ -224,3 +224,33 @@ def test_a_run_with_roc_auc_shows_it_beside_balanced_accuracy():
     assert header.startswith("| split | K | examples | accuracy | balanced acc. | majority baseline | ROC AUC |")
     assert "| test | 4 | 600 | 0.750 | 0.700 | 0.625 | 0.768 |" in " ".join(lines)
     assert "| test | 1 | 600 | 0.500 | 0.500 | 0.625 | - |" in " ".join(lines)
+
+
+@pytest.mark.parametrize("stop, shown", [
+    (None, "global step 100, wall"),                                         # recorded before 2026-12-08
+    ({"by": "max_steps", "planned_steps": 100}, "global step 100 (ended by max_steps), wall"),
+    ({"by": "max_time", "planned_steps": 160}, "global step 100 (**cut by trainer.max_time** short of 160 planned steps), wall"),
+])
+def test_a_run_says_what_ended_its_fit(stop, shown):
+    doc = {**_classification(0.9, 0.9), **({"stop": stop} if stop else {})}
+    assert shown in render(doc)
+
+
+def test_a_summary_names_the_runs_the_wall_clock_cap_cut_short(experiment, capsys):
+    """A seed that ran out of time trained less than its peers: the summary says which, beside its figures."""
+    from ktm.io import read_json
+
+    def stopped(run: str, by: str, step: int) -> None:
+        doc = read_json(experiment / run / "metrics.json", "metrics file")
+        write_json(experiment / run / "metrics.json", {**doc, "global_step": step, "stop": {"by": by, "planned_steps": 160}})
+
+    stopped("default_s0", "max_steps", 160)
+    main([str(experiment)])
+    assert "cut by trainer.max_time" not in capsys.readouterr().out
+    stopped("default_s2", "max_time", 90)
+    stopped("k1ref_s1", "max_time", 120)
+    main([str(experiment)])
+    out = capsys.readouterr().out
+    assert out.count("*cut by trainer.max_time* (default_s2 (step 90 of 160); k1ref_s1 (step 120 of 160))") == 1
+    assert out.count("*cut by trainer.max_time* (k1ref_s1 (step 120 of 160))") == 2  # the plain default's, the reference's
+    assert _summary(experiment)["default_s*"]["cut_by_time"]["default_s2"] == "step 90 of 160"

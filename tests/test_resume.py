@@ -218,3 +218,35 @@ def test_fit_seconds_of_earlier_sessions_travel_in_the_checkpoint():
     assert 1000.0 <= resumed.state_dict()["fit_seconds"] < 1060
     resumed.load_state_dict({})  # a checkpoint from before fit_seconds was saved
     assert resumed.fit_seconds_before == 0.0
+
+
+def test_a_run_cut_short_by_max_time_says_so_and_its_finish_command_matches(reference, tmp_path, monkeypatch, capsys):
+    """trainer.max_time ending a fit before its step budget is recorded (metrics.json stop.by) and said in one
+    warning line whose command trains the whole budget anew, the capped run kept aside: the uncapped run's model."""
+    from lightning.pytorch.callbacks import Timer
+
+    tmp, reference_run = reference
+    assert json.loads((reference_run / "metrics.json").read_text())["stop"] == {"by": "max_epochs", "planned_steps": 8}
+    seen = {"step": 0}  # the cap "runs out" after step 5 (mid epoch 1) on every machine: elapsed follows the step
+    original = Timer.on_train_batch_end
+
+    def step_then_check(self, trainer, *args, **kwargs):
+        seen["step"] = trainer.global_step
+        return original(self, trainer, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Timer, "on_train_batch_end", step_then_check)
+        mp.setattr(Timer, "time_elapsed", lambda self, stage="train": 1e6 if seen["step"] >= 5 else 0.0)
+        assert main(["fit", *ARGS, "--root", str(tmp / "runs"), "--run", "capped", "--trainer.max_time=00:00:30:00"]) == 0
+    run = tmp / "runs" / "tree_k4" / "capped"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["global_step"], metrics["stop"]) == (5, {"by": "max_time", "planned_steps": 8})
+    lines = [line for line in capsys.readouterr().err.splitlines() if "trainer.max_time" in line]
+    finish = f"ktm fit --config {run / 'config.yaml'} --trainer.max_time=null --overwrite"
+    assert len(lines) == 1 and "trainer.max_time 00:00:30:00 ended this fit at step 5 of 8 planned" in lines[0]
+    assert lines[0].endswith(finish)
+    assert main(finish.split()[1:]) == 0
+    assert_same_as_reference(reference_run, run)
+    aside = [p for p in run.parent.iterdir() if p.name.startswith("capped.old-")]  # the capped run, kept
+    assert len(aside) == 1 and json.loads((aside[0] / "metrics.json").read_text())["global_step"] == 5
+    assert json.loads((run / "metrics.json").read_text())["stop"] == {"by": "max_epochs", "planned_steps": 8}

@@ -24,7 +24,7 @@ import torch
 import ktm.training.run_folder as rf
 from ktm.cli import main
 from ktm.errors import KTMError
-from ktm.io import sha256_file
+from ktm.io import read_json, sha256_file, write_json
 from ktm.training.run_folder import LOCK_NAME, RunFolder, check_name, eval_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,9 +444,13 @@ def test_reuse_keeps_a_finished_run_of_the_same_config_and_refuses_another(train
 
 def test_reuse_takes_a_longer_wall_clock_cap_only_where_the_run_reached_its_step_budget(trained, tmp_path, capsys, ktm_log):
     """A run that stopped at trainer.max_steps did not depend on its max_time: raising the cap (or dropping it)
-    reuses it; a shorter cap, or a run that stopped before its step budget (the cap may have bound), is refused."""
+    reuses it; a shorter cap, or a run that stopped before its step budget (the cap may have bound), is refused.
+    Here as metrics.json recorded it before 2026-12-08 (no stop.by): from global_step and trainer.max_steps."""
     run = copy_run(trained, tmp_path)
-    steps = json.loads((run / "metrics.json").read_text())["global_step"]
+    metrics = read_json(run / "metrics.json", "metrics file")
+    assert metrics.pop("stop") == {"by": "max_epochs", "planned_steps": metrics["global_step"]}
+    write_json(run / "metrics.json", metrics)
+    steps = metrics["global_step"]
     saved = run / "config.yaml"
     text = saved.read_text()
     assert "  max_steps: -1\n" in text and "  max_time: 00:00:40:00\n" in text
@@ -465,6 +469,25 @@ def test_reuse_takes_a_longer_wall_clock_cap_only_where_the_run_reached_its_step
     assert "trainer.max_time is 00:00:40:00 there, 00:01:00:00 now" in error_line(capsys)
     assert {name: data for name, data in snapshot(run).items() if name != "config.yaml"} == {
         name: data for name, data in before.items() if name != "config.yaml"}  # nothing trained, nothing moved
+
+
+def test_reuse_takes_a_longer_wall_clock_cap_where_metrics_say_the_cap_did_not_stop_the_run(trained, tmp_path, capsys, ktm_log):
+    """metrics.json's stop.by: a run that ran out of epochs (or steps, or was finished by its val rule) is reused
+    under a longer cap or none; one that trainer.max_time cut short is refused, as is a shorter cap."""
+    run = copy_run(trained, tmp_path)
+    assert read_json(run / "metrics.json", "metrics file")["stop"]["by"] == "max_epochs"
+    same = ["fit", "--exp", "tree_k4", "--root", str(run.parents[1]), "--run", "r", *TINY, "--reuse"]
+    before = snapshot(run)
+    for cap in ("00:00:40:00", "00:02:00:00", "null"):
+        assert main([*same, f"--trainer.max_time={cap}"]) == 0, cap
+    assert main([*same, "--trainer.max_time=00:00:20:00"]) == 2
+    assert "trainer.max_time is 00:00:40:00 there, 00:00:20:00 now" in error_line(capsys)
+    metrics = read_json(run / "metrics.json", "metrics file")
+    write_json(run / "metrics.json", {**metrics, "stop": {**metrics["stop"], "by": "max_time"}})
+    assert main([*same, "--trainer.max_time=null"]) == 2
+    assert "trainer.max_time is 00:00:40:00 there, None now (its cap stopped that run short of its budget)" in error_line(capsys)
+    assert {n: d for n, d in snapshot(run).items() if not n.startswith("metrics.json")} == {
+        n: d for n, d in before.items() if not n.startswith("metrics.json")}  # nothing trained, nothing moved
 
 
 def test_check_runs_every_check_and_builds_nothing(trained, tmp_path, capsys, ktm_log):

@@ -79,8 +79,31 @@ def test_a_run_capped_by_max_steps_mid_epoch_still_validates_once(tmp_path, caps
                  "--trainer.max_steps=3", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
     metrics = json.loads((tmp_path / "runs" / "tree_k4" / "capped" / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and set(metrics["val"]) == {"k1", "k2"}
+    assert metrics["stop"] == {"by": "max_steps", "planned_steps": 3}
     epoch_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ktm: epoch ")]
     assert len(epoch_lines) == 1 and epoch_lines[0].startswith("ktm: epoch 0 | step 3 | K=2 |")
+
+
+@pytest.mark.parametrize("max_steps, step, planned, should_stop, finished, cap, by", [
+    (3, 3, 3, True, False, None, "max_steps"),               # ValidateAtMaxSteps asked it to stop there
+    (-1, 8, 8, False, False, "00:01:00:00", "max_epochs"),   # the loop ran out of epochs
+    (-1, 8, 8, True, False, "00:00:00:00", "max_epochs"),    # the cap ran out on the last step: the budget was run
+    (-1, 5, 8, True, True, "00:01:00:00", "val_rule"),       # the curriculum's val rule finished it
+    (-1, 5, 8, True, False, "00:00:00:00", "max_time"),      # the cap cut it short of its budget
+    (10, 5, 10, True, False, "00:00:00:00", "max_time"),
+    (-1, 5, 8, True, False, "00:01:00:00", "other"),         # another callback asked (time left, no rule fired)
+])
+def test_why_a_fit_stopped(max_steps, step, planned, should_stop, finished, cap, by):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from ktm.training.callbacks import why_fit_stopped
+
+    trainer = SimpleNamespace(max_steps=max_steps, global_step=step, estimated_stepping_batches=planned,
+                              should_stop=should_stop, datamodule=SimpleNamespace(finished=finished),
+                              callbacks=[Timer(duration=cap)] if cap else [])
+    assert why_fit_stopped(trainer) == by
 
 
 def test_a_redirected_log_gets_progress_lines_within_an_epoch(tmp_path, capsys, monkeypatch):

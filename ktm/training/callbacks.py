@@ -397,6 +397,41 @@ def logged_step(trainer: L.Trainer) -> int:
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
+def planned_steps(trainer: L.Trainer) -> float:
+    """The optimizer steps a fit plans: trainer.max_steps, else max_epochs' worth of batches (inf: no end)."""
+    return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+
+
+def why_fit_stopped(trainer: L.Trainer) -> str:
+    """What ended a fit that ran to its end (not a signal): "max_steps" or "max_epochs" (it ran its budget),
+    "val_rule" (the curriculum's val rule finished it), "max_time" (the wall-clock cap cut it short of its budget,
+    so a faster machine makes another model), or "other" (a callback asked it to stop).
+    Lightning counts an epoch cut short as done, so epochs say nothing here: the budget is in steps."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return "max_steps"
+    if trainer.global_step >= planned_steps(trainer) or not trainer.should_stop:  # the loop ran out of epochs
+        return "max_epochs"
+    if getattr(trainer.datamodule, "finished", False):
+        return "val_rule"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return "max_time" if remaining is not None and remaining <= 0 else "other"
+
+
+def say_time_cap_bound(trainer: L.Trainer, folder: Path) -> None:
+    """One warning line where trainer.max_time ended a fit short of its budget: its model is not the recipe's,
+    and the command that trains the whole budget anew."""
+    planned = planned_steps(trainer)
+    of = f" of {int(planned)} planned" if math.isfinite(planned) else ""
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    minutes, seconds = divmod(int(timer._duration or 0), 60)
+    cap = f"{minutes // 1440:02d}:{minutes // 60 % 24:02d}:{minutes % 60:02d}:{seconds:02d}"  # as config.yaml writes it
+    # Not a resume: Lightning counts the epoch the cap cut as done, so a resumed fit would stop at once.
+    log.warning("trainer.max_time %s ended this fit at step %d%s, so its model is not the one its step budget makes "
+                "(a faster machine's); to train the whole budget (this run is kept aside): ktm fit --config %s "
+                "--trainer.max_time=null --overwrite", cap, trainer.global_step, of, folder / "config.yaml")
+
+
 class RunOutputs(L.Callback):
     """Writes <run>/metrics.json (val + test per K, data info, curriculum, speed, versions and hardware) and <run>/export/
     (KTMModel.from_pretrained loads it) at the end of fit and test, and TensorBoard's views to compare K
@@ -453,6 +488,8 @@ class RunOutputs(L.Callback):
         doc.setdefault("environment", {})[phase] = environment()
         if phase == "fit":  # a later `ktm test` starts a fresh trainer at step 0
             doc["global_step"] = trainer.global_step
+            planned = planned_steps(trainer)
+            doc["stop"] = {"by": why_fit_stopped(trainer), "planned_steps": int(planned) if math.isfinite(planned) else None}
             if pl_module.selected:
                 doc["selected"] = pl_module.selected
             if pl_module.encoder_watch:
@@ -488,6 +525,8 @@ class RunOutputs(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "fit")
+        if trainer.is_global_zero and why_fit_stopped(trainer) == "max_time":
+            say_time_cap_bound(trainer, run_dir(trainer))
         self._views(trainer, pl_module, "fit_end")
 
     def on_test_end(self, trainer, pl_module) -> None:

@@ -339,26 +339,37 @@ def _cap_seconds(cap) -> float | None:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
-    """A finished run that reached its step budget (trainer.max_steps, in metrics.json's global_step) stopped there,
-    not at its wall-clock cap: under a cap at least as long (or none) the same run comes out."""
-    saved_trainer, new_trainer = saved.get("trainer") or {}, new.get("trainer") or {}
-    steps = saved_trainer.get("max_steps")
-    if not isinstance(steps, int) or steps <= 0 or steps != new_trainer.get("max_steps"):
-        return False
+def _cut_by_time(folder: Path) -> bool:
+    """True where the run's metrics.json says trainer.max_time stopped its fit (stop.by, runs since 2026-12-08)."""
     try:
-        reached = json.loads((folder / "metrics.json").read_text()).get("global_step")
+        return (json.loads((folder / "metrics.json").read_text()).get("stop") or {}).get("by") == "max_time"
     except (OSError, ValueError):
         return False
+
+
+def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
+    """A finished run that its wall-clock cap did not stop comes out the same under a cap at least as long (or none).
+    metrics.json's stop.by says what stopped it (runs since 2026-12-08: its step or epoch budget, or the val rule);
+    before, a run whose global_step reached its trainer.max_steps stopped there."""
+    saved_trainer, new_trainer = saved.get("trainer") or {}, new.get("trainer") or {}
     old_cap, new_cap = _cap_seconds(saved_trainer.get("max_time")), _cap_seconds(new_trainer.get("max_time"))
-    return reached == steps and old_cap is not None and new_cap is not None and new_cap >= old_cap
+    if old_cap is None or new_cap is None or new_cap < old_cap:
+        return False
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if metrics.get("stop"):
+        return metrics["stop"].get("by") in ("max_steps", "max_epochs", "val_rule")
+    steps = saved_trainer.get("max_steps")
+    return isinstance(steps, int) and 0 < steps == new_trainer.get("max_steps") == metrics.get("global_step")
 
 
 def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     """`ktm fit --reuse`: True when `folder` holds a finished run (its export) made with the config `new` (parsed
     config.yaml dicts), False when it holds no finished run (the usual rules then apply: a half-finished one is
     refused with its resume command); one line when it holds a finished run of another config. A longer
-    trainer.max_time is the same run where the saved run stopped at its max_steps (_cap_did_not_bind)."""
+    trainer.max_time is the same run where the saved run's cap did not stop it (_cap_did_not_bind)."""
     if not (folder / "export" / "ktm.json").is_file() or not (folder / "config.yaml").is_file():
         return False
     import yaml
@@ -374,7 +385,8 @@ def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     if found:
         name, theirs, ours = found
         shown = ("(absent)" if v is _ABSENT else " ".join(str(v).split())[:60] for v in (theirs, ours))
-        raise KTMError(f"run folder {folder} holds a finished run of another config: {name} is {next(shown)} there, {next(shown)} now",
+        why = " (its cap stopped that run short of its budget)" if name == "trainer.max_time" and _cut_by_time(folder) else ""
+        raise KTMError(f"run folder {folder} holds a finished run of another config: {name} is {next(shown)} there, {next(shown)} now{why}",
                        "add --overwrite to make it again (the old run is moved aside, nothing is deleted), or pick another --run")
     return True
 
