@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -113,10 +114,27 @@ def test_a_redirected_log_gets_progress_lines_within_an_epoch(tmp_path, capsys, 
     root = str(tmp_path / "runs")  # 32 examples, batch 8: 4 steps in one epoch
     assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "progress", "--trainer.max_epochs=1",
                  "--trainer.max_time=00:00:30:00", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ktm: progress: ")]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ktm: progress: ")]
     assert [line.split(" | ")[0] for line in lines] == [f"ktm: progress: step {s}/4" for s in (1, 2, 3, 4)]
     assert all(" | K=2 | loss " in line and "max_time stops it in " in line for line in lines)
     assert "min left at this pace" in lines[0] and "min left" not in lines[-1]  # nothing left after the last step
+    assert "trainer.max_time ends this fit near step" not in err  # 30 minutes left: no warning
+
+
+def test_a_fit_whose_pace_outruns_its_wall_clock_cap_says_so_early(tmp_path, capsys, monkeypatch):
+    """Minutes in (here after the first step), a fit that its pace says trainer.max_time will cut short warns once."""
+    from lightning.pytorch.callbacks import Timer
+
+    from ktm.training import callbacks
+
+    monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(Timer, "time_remaining", lambda self, stage="train": 1e-6)  # the cap all but spent
+    root = str(tmp_path / "runs")
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "slow", "--trainer.max_epochs=1",
+                 "--trainer.max_time=00:00:30:00", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "trainer.max_time ends this fit near step" in line]
+    assert len(lines) == 1 and re.search(r"at this pace \(\d+\.\d s a step\) trainer.max_time ends this fit near step 1 of 4 planned", lines[0])
 
 
 def test_encoder_learning_rate_per_k():
