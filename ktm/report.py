@@ -33,9 +33,9 @@ def _stop(metrics: dict) -> str:
     stop = metrics.get("stop") or {}
     if not stop:
         return ""
-    if stop["by"] == "max_time":
+    if stop.get("by") == "max_time":
         return f" (**cut by trainer.max_time** short of {stop.get('planned_steps') or 'its'} planned steps)"
-    return f" (ended by {stop['by']})"
+    return f" (ended by {stop.get('by')})"
 
 
 def render(metrics: dict, title: str = "") -> str:
