@@ -169,9 +169,13 @@ def task_of(doc: dict, columns: dict) -> str:
 
 def machine_of(doc: dict) -> str | None:
     """The machine a run trained on, from its metrics.json `environment` (CPU, then any CUDA devices); None where
-    it was not recorded. bf16 kernels round differently across CPUs, so runs of two machines do not train alike."""
+    it was not recorded. bf16 kernels round differently across CPUs, and a CPU without native bf16 trains in float32,
+    so runs of two machines do not train alike."""
     fit = (doc.get("environment") or {}).get("fit") or {}
     parts = [fit["cpu"]] if fit.get("cpu") else []
+    if parts and "avx512_bf16" in fit:  # one CPU name covers kinds with and without native bf16 (2026-12-08: AMD EPYC)
+        flags = [name for key, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if fit.get(key)]
+        parts[0] += f" ({', '.join(flags)})" if flags else " (no native bf16)"
     return " + ".join(parts + [str(d) for d in fit.get("cuda_devices") or []]) or None
 
 

@@ -254,3 +254,17 @@ def test_a_summary_names_the_runs_the_wall_clock_cap_cut_short(experiment, capsy
     assert out.count("*cut by trainer.max_time* (default_s2 (step 90 of 160); k1ref_s1 (step 120 of 160))") == 1
     assert out.count("*cut by trainer.max_time* (k1ref_s1 (step 120 of 160))") == 2  # the plain default's, the reference's
     assert _summary(experiment)["default_s*"]["cut_by_time"]["default_s2"] == "step 90 of 160"
+
+
+@pytest.mark.parametrize("fit, machine", [
+    ({"cpu": "AMD EPYC", "cuda_devices": []}, "AMD EPYC"),                                   # flags not recorded
+    ({"cpu": "AMD EPYC", "avx512_bf16": True, "amx_bf16": False}, "AMD EPYC (AVX512-BF16)"),
+    ({"cpu": "AMD EPYC", "avx512_bf16": False, "amx_bf16": False}, "AMD EPYC (no native bf16)"),
+    ({"cpu": "Intel Xeon", "avx512_bf16": True, "amx_bf16": True, "cuda_devices": ["H100"]}, "Intel Xeon (AVX512-BF16, AMX) + H100"),
+    ({}, None),
+])
+def test_a_machine_is_named_with_its_native_bf16(fit, machine):
+    """2026-12-08: two AMD EPYC kinds, one with AVX512-BF16 (bf16-mixed) and one AVX2-only (float32), one name."""
+    from ktm.report import machine_of
+
+    assert machine_of({"environment": {"fit": fit}}) == machine

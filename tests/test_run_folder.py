@@ -490,6 +490,27 @@ def test_reuse_takes_a_longer_wall_clock_cap_where_metrics_say_the_cap_did_not_s
         n: d for n, d in before.items() if not n.startswith("metrics.json")}  # nothing trained, nothing moved
 
 
+def test_reuse_warns_where_the_run_was_trained_on_another_machine_kind(trained, tmp_path, capsys, ktm_log):
+    """Same config, another machine's model: a CPU name covers kinds with and without native bf16 (float32 there)."""
+    from ktm.environment import environment
+
+    run = copy_run(trained, tmp_path)
+    same = ["fit", "--exp", "tree_k4", "--root", str(run.parents[1]), "--run", "r", *TINY, "--reuse"]
+    assert main(same) == 0 and "was trained on" not in ktm_log.text  # this machine made it
+    metrics = read_json(run / "metrics.json", "metrics file")
+    fit = metrics["environment"]["fit"]
+    assert fit["avx512_bf16"] == environment()["avx512_bf16"]
+    other = {**fit, "avx512_bf16": not fit["avx512_bf16"], "amx_bf16": False}
+    write_json(run / "metrics.json", {**metrics, "environment": {**metrics["environment"], "fit": other}})
+    assert main(same) == 0
+    warned = [r.getMessage() for r in ktm_log.records if "was trained on" in r.getMessage()]
+    assert len(warned) == 1 and "(no native bf16)" in warned[0] and "(AVX512-BF16)" in warned[0]
+    legacy = {key: value for key, value in fit.items() if key not in ("avx512_bf16", "amx_bf16")}  # flags not recorded
+    write_json(run / "metrics.json", {**metrics, "environment": {**metrics["environment"], "fit": legacy}})
+    ktm_log.clear()
+    assert main(same) == 0 and "was trained on" not in ktm_log.text  # the same CPU name: nothing to say
+
+
 def test_check_runs_every_check_and_builds_nothing(trained, tmp_path, capsys, ktm_log):
     """`ktm fit --check` (make train's preflight before the reading stages) passes or fails as the fit would at
     its start, in seconds, without loading the base or writing anything: a free folder passes, a taken one is the

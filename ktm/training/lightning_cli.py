@@ -28,7 +28,7 @@ from ktm.training.callbacks import (EpochLog, ReleaseFreedMemory, ResumableRNG, 
 from ktm.training.data import KTMDataModule, check_data_args
 from ktm.training.module import KTMModule, checkpoint_mismatch
 from ktm.training.run_folder import (SPECIAL_CKPT, RunFolder, check_claim_options, check_name, eval_checkpoint, refuse_mixing,
-                                    reusable, run_path)
+                                    reusable, run_path, say_if_made_elsewhere)
 
 log = logging.getLogger("ktm")
 
@@ -60,6 +60,7 @@ def run(argv: list[str]) -> None:
         )
     except Reused as exc:
         log.info("--reuse: %s holds a finished run of this config; nothing to train (its export: %s)", exc.folder, exc.folder / "export")
+        say_if_made_elsewhere(exc.folder)
     except Checked as exc:
         found = "holds a finished run of this config, which --reuse keeps" if exc.reused else "accepts it"
         log.info("--check: %s passes its checks (settings, benchmark options; the run folder %s %s); nothing was loaded",

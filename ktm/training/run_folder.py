@@ -365,6 +365,23 @@ def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
     return isinstance(steps, int) and 0 < steps == new_trainer.get("max_steps") == metrics.get("global_step")
 
 
+def say_if_made_elsewhere(folder: Path) -> None:
+    """A warning where the reused run trained on another machine kind than this one (report.machine_of: the CPU,
+    its native bf16, the GPUs): it is the same config, not the same model this machine would make."""
+    from ktm.environment import environment
+    from ktm.report import machine_of
+
+    try:
+        fit = (json.loads((folder / "metrics.json").read_text()).get("environment") or {}).get("fit") or {}
+    except (OSError, ValueError):
+        return
+    here = {key: value for key, value in environment().items() if key in fit}  # what that run recorded, no more
+    there, here = machine_of({"environment": {"fit": fit}}), machine_of({"environment": {"fit": here}})
+    if there and here and there != here:
+        log.warning("--reuse: %s was trained on %s, this machine is %s: runs that start from it hold that machine's "
+                    "differences (README \"Machines differ\"); --overwrite makes it here", folder, there, here)
+
+
 def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     """`ktm fit --reuse`: True when `folder` holds a finished run (its export) made with the config `new` (parsed
     config.yaml dicts), False when it holds no finished run (the usual rules then apply: a half-finished one is
