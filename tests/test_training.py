@@ -122,8 +122,10 @@ def test_a_redirected_log_gets_progress_lines_within_an_epoch(tmp_path, capsys, 
     assert "trainer.max_time ends this fit near step" not in err  # 30 minutes left: no warning
 
 
-def test_a_fit_whose_pace_outruns_its_wall_clock_cap_says_so_early(tmp_path, capsys, monkeypatch):
-    """Minutes in (here after the first step), a fit that its pace says trainer.max_time will cut short warns once."""
+@pytest.mark.parametrize("schedule, near", [("[2]", 2), ("[1,2]", 6)])
+def test_a_fit_whose_pace_outruns_its_wall_clock_cap_says_so_early(schedule, near, tmp_path, capsys, monkeypatch):
+    """A fit that the pace of its final phase says trainer.max_time will cut short warns once, early in that phase
+    (here one step into it): with a K=1 epoch first ([1,2], 4 steps an epoch), only once the K=2 epoch runs."""
     from lightning.pytorch.callbacks import Timer
 
     from ktm.training import callbacks
@@ -131,10 +133,10 @@ def test_a_fit_whose_pace_outruns_its_wall_clock_cap_says_so_early(tmp_path, cap
     monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)
     monkeypatch.setattr(Timer, "time_remaining", lambda self, stage="train": 1e-6)  # the cap all but spent
     root = str(tmp_path / "runs")
-    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "slow", "--trainer.max_epochs=1",
-                 "--trainer.max_time=00:00:30:00", *TINY, "--model.ks=[1,2]", "--data.k_schedule=[2]"]) == 0
+    assert main(["fit", "--exp", "tree_k4", "--root", root, "--run", "slow", "--trainer.max_epochs=2",
+                 "--trainer.max_time=00:00:30:00", *TINY, "--model.ks=[1,2]", f"--data.k_schedule={schedule}"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "trainer.max_time ends this fit near step" in line]
-    assert len(lines) == 1 and re.search(r"at this pace \(\d+\.\d s a step\) trainer.max_time ends this fit near step 1 of 4 planned", lines[0])
+    assert len(lines) == 1 and re.search(rf"at this pace \(\d+\.\d s a step\) trainer.max_time ends this fit near step {near} of 8 planned", lines[0])
 
 
 def test_encoder_learning_rate_per_k():

@@ -685,24 +685,32 @@ class EpochLog(L.Callback):
     """One line per validation (epoch end) on the ktm logger: step, K, training loss, the val metrics per
     K, elapsed time. Shows in a redirected log, where the progress bar writes nothing until the end; there,
     a progress line every PROGRESS_EVERY_S also says how far a long epoch has got (step of the planned
-    steps, K, the step's loss, and the time left at this session's pace), so a slow run never looks hung. Once,
-    after the first PROGRESS_EVERY_S, a warning where that pace says trainer.max_time will cut the fit short."""
+    steps, K, the step's loss, and the time left at this session's pace), so a slow run never looks hung. And
+    once, a warning where the pace of the final phase says trainer.max_time will cut the fit short."""
 
     def __init__(self):
         self._start = self._last = self._pace_start = time.monotonic()
         self._first_step = 0
-        self._cap_checked = False
+        self._cap_checked, self._final_since = False, None  # _check_the_cap's state: (time, step) its phase began
 
-    def _warn_if_the_cap_will_bind(self, trainer, now: float) -> None:
-        """One warning, minutes into a fit, where this session's pace says trainer.max_time will end it short of
-        its planned steps (a slower machine than the recipe's): its model will not be the recipe's."""
+    def _check_the_cap(self, trainer, now: float) -> None:
+        """One warning where trainer.max_time will end the fit short of its planned steps at the pace of its final
+        phase (the curriculum's last K entry and stage: a K=1 epoch first is slower than the K=4 rest), measured
+        over PROGRESS_EVERY_S of that phase: a slower machine than the recipe's, whose model is not the recipe's."""
+        curriculum = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
+        if curriculum is not None and not (curriculum.k_schedule_done() and curriculum.stage_index == len(curriculum.stages) - 1):
+            return
+        if self._final_since is None:
+            self._final_since = (now, trainer.global_step)
+            return
+        (since, first), step = self._final_since, trainer.global_step
+        if now - since < PROGRESS_EVERY_S or step <= first:
+            return
+        self._cap_checked = True
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         remaining = timer.time_remaining("train") if timer is not None else None
-        planned, step, done = planned_steps(trainer), trainer.global_step, trainer.global_step - self._first_step
-        if remaining is None or done <= 0 or not math.isfinite(planned):
-            return
-        per_step = (now - self._pace_start) / done
-        if (planned - step) * per_step > remaining:
+        planned, per_step = planned_steps(trainer), (now - since) / (step - first)
+        if remaining is not None and math.isfinite(planned) and (planned - step) * per_step > remaining:
             log.warning("at this pace (%.1f s a step) trainer.max_time ends this fit near step %d of %d planned, so its "
                         "model will not be the one its step budget makes; for that, stop it and run it again with "
                         "--trainer.max_time=null (or a longer cap)", per_step, step + int(remaining / per_step), int(planned))
@@ -721,12 +729,9 @@ class EpochLog(L.Callback):
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
-        if now - self._last < PROGRESS_EVERY_S:
-            return
-        if not self._cap_checked:  # once, after the first PROGRESS_EVERY_S (the pace settles after the first steps)
-            self._cap_checked = True
-            self._warn_if_the_cap_will_bind(trainer, now)
-        if sys.stderr.isatty():
+        if not self._cap_checked:
+            self._check_the_cap(trainer, now)
+        if now - self._last < PROGRESS_EVERY_S or sys.stderr.isatty():
             return
         self._last = now
         step, elapsed = trainer.global_step, now - self._start
