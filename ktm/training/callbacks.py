@@ -402,6 +402,17 @@ def planned_steps(trainer: L.Trainer) -> float:
     return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
 
 
+def timer_of(trainer) -> Timer | None:
+    """The Timer Lightning adds for trainer.max_time (None without a cap)."""
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
+
+def time_left(trainer) -> float | None:
+    """Seconds trainer.max_time leaves the training loop (None without a cap)."""
+    timer = timer_of(trainer)
+    return timer.time_remaining("train") if timer is not None else None
+
+
 def why_fit_stopped(trainer: L.Trainer) -> str:
     """What ended a fit that ran to its end (not a signal): "max_steps" or "max_epochs" (it ran its budget),
     "val_rule" (the curriculum's val rule finished it), "max_time" (the wall-clock cap cut it short of its budget,
@@ -413,8 +424,7 @@ def why_fit_stopped(trainer: L.Trainer) -> str:
         return "max_epochs"
     if getattr(trainer.datamodule, "finished", False):
         return "val_rule"
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    remaining = timer.time_remaining("train") if timer is not None else None
+    remaining = time_left(trainer)
     return "max_time" if remaining is not None and remaining <= 0 else "other"
 
 
@@ -423,8 +433,7 @@ def say_time_cap_bound(trainer: L.Trainer, folder: Path) -> None:
     and the command that trains the whole budget anew."""
     planned = planned_steps(trainer)
     of = f" of {int(planned)} planned" if math.isfinite(planned) else ""
-    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
-    minutes, seconds = divmod(int(timer._duration or 0), 60)
+    minutes, seconds = divmod(int(timer_of(trainer)._duration or 0), 60)
     cap = f"{minutes // 1440:02d}:{minutes // 60 % 24:02d}:{minutes % 60:02d}:{seconds:02d}"  # as config.yaml writes it
     # Not a resume: Lightning counts the epoch the cap cut as done, so a resumed fit would stop at once.
     log.warning("trainer.max_time %s ended this fit at step %d%s, so its model is not the one its step budget makes "
@@ -707,8 +716,7 @@ class EpochLog(L.Callback):
         if now - since < PROGRESS_EVERY_S or step <= first:
             return
         self._cap_checked = True
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        remaining = timer.time_remaining("train") if timer is not None else None
+        remaining = time_left(trainer)
         planned, per_step = planned_steps(trainer), (now - since) / (step - first)
         if remaining is not None and math.isfinite(planned) and (planned - step) * per_step > remaining:
             log.warning("at this pace (%.1f s a step) trainer.max_time ends this fit near step %d of %d planned, so its "
@@ -735,16 +743,16 @@ class EpochLog(L.Callback):
             return
         self._last = now
         step, elapsed = trainer.global_step, now - self._start
-        planned = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        planned = planned_steps(trainer)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         parts = [f"step {step}" + (f"/{int(planned)}" if math.isfinite(planned) else ""), f"K={pl_module.current_k()}",
                  f"loss {float(loss):.3f}" if loss is not None else "loss -", f"{elapsed:.0f} s"]
         done = step - self._first_step
         if done > 0 and math.isfinite(planned) and planned > step:
             parts.append(f"about {(planned - step) * (now - self._pace_start) / done / 60:.0f} min left at this pace")
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
-        if timer is not None and timer.time_remaining("train") is not None:
-            parts.append(f"max_time stops it in {timer.time_remaining('train') / 60:.0f} min")
+        remaining = time_left(trainer)
+        if remaining is not None:
+            parts.append(f"max_time stops it in {remaining / 60:.0f} min")
         log.info("progress: " + " | ".join(parts))
 
     @rank_zero_only

@@ -339,12 +339,12 @@ def _cap_seconds(cap) -> float | None:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def _cut_by_time(folder: Path) -> bool:
-    """True where the run's metrics.json says trainer.max_time stopped its fit (stop.by, runs since 2026-12-08)."""
+def _metrics(folder: Path) -> dict:
+    """The run's metrics.json, or {} where it is missing or unreadable (the callers then say or accept nothing)."""
     try:
-        return (json.loads((folder / "metrics.json").read_text()).get("stop") or {}).get("by") == "max_time"
+        return json.loads((folder / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
+        return {}
 
 
 def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
@@ -355,10 +355,7 @@ def _cap_did_not_bind(folder: Path, saved: dict, new: dict) -> bool:
     old_cap, new_cap = _cap_seconds(saved_trainer.get("max_time")), _cap_seconds(new_trainer.get("max_time"))
     if old_cap is None or new_cap is None or new_cap < old_cap:
         return False
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
+    metrics = _metrics(folder)
     if metrics.get("stop"):
         return metrics["stop"].get("by") in ("max_steps", "max_epochs", "val_rule")
     steps = saved_trainer.get("max_steps")
@@ -371,10 +368,7 @@ def say_if_made_elsewhere(folder: Path) -> None:
     from ktm.environment import environment
     from ktm.report import machine_of
 
-    try:
-        fit = (json.loads((folder / "metrics.json").read_text()).get("environment") or {}).get("fit") or {}
-    except (OSError, ValueError):
-        return
+    fit = (_metrics(folder).get("environment") or {}).get("fit") or {}
     here = {key: value for key, value in environment().items() if key in fit}  # what that run recorded, no more
     there, here = machine_of({"environment": {"fit": fit}}), machine_of({"environment": {"fit": here}})
     if there and here and there != here:
@@ -402,7 +396,8 @@ def reusable(folder: Path, new: dict, defaults: dict) -> bool:
     if found:
         name, theirs, ours = found
         shown = ("(absent)" if v is _ABSENT else " ".join(str(v).split())[:60] for v in (theirs, ours))
-        why = " (its cap stopped that run short of its budget)" if name == "trainer.max_time" and _cut_by_time(folder) else ""
+        cut = name == "trainer.max_time" and (_metrics(folder).get("stop") or {}).get("by") == "max_time"
+        why = " (its cap stopped that run short of its budget)" if cut else ""
         raise KTMError(f"run folder {folder} holds a finished run of another config: {name} is {next(shown)} there, {next(shown)} now{why}",
                        "add --overwrite to make it again (the old run is moved aside, nothing is deleted), or pick another --run")
     return True
